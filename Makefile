@@ -1,0 +1,52 @@
+# authmilter — the two commands a new user needs are `make run` and `make test`.
+# Both install what they need (Debian packages, then a virtualenv in .venv) first.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+CONF    ?= etc/authmilter.conf
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_RUN  = libmilter-dev gcc python3-dev python3-venv
+# Real parts the test suite drives: Postfix, NSD, and the anchors (OpenDKIM, OpenDMARC, miltertest).
+APT_TEST = $(APT_RUN) postfix nsd opendkim opendkim-tools miltertest opendmarc
+
+.PHONY: run test deps-run deps-test venv venv-test lint typecheck check docs clean
+
+run: deps-run venv
+	$(VENV)/bin/authmilter run -c $(CONF)
+
+test: deps-test venv-test
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+check: venv-test lint typecheck
+
+lint:
+	$(VENV)/bin/ruff check milter tests
+
+typecheck:
+	$(VENV)/bin/mypy
+
+docs: venv
+	$(VENV)/bin/python -m authmilter.config --markdown > docs/directives.generated.md
+
+# Debian packages: installed only when one is missing, so a warm machine skips apt entirely.
+deps-run:
+	@./.ci/apt-ensure $(APT_RUN)
+
+deps-test:
+	@./.ci/apt-ensure $(APT_TEST)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+clean:
+	rm -rf $(VENV) build *.egg-info milter/*.egg-info .pytest_cache .mypy_cache .ruff_cache
