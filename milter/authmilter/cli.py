@@ -1,0 +1,144 @@
+"""The ``authmilter`` command: ``run``, ``config-test``, ``genkey``, ``testkey``.
+
+This is the only module that reads the environment (host name, argv, streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from authmilter import __version__
+from authmilter.config import Config, Loaded, effective_lines, load_config, load_split
+from authmilter.errors import AuthmilterError, ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG, as the anchors use for configuration errors
+
+DEFAULT_CONFIG = "/etc/authmilter.conf"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    from authmilter.keytools import add_genkey_parser, add_testkey_parser
+
+    parser = argparse.ArgumentParser(
+        prog="authmilter",
+        description="DKIM signing and verification, SPF and DMARC in one milter.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"authmilter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run the milter in the foreground")
+    _add_config_args(run)
+    run.add_argument("-p", dest="socket", metavar="SOCKETSPEC",
+                     help="listen here instead of the configured Socket (as opendkim -p)")
+    run.set_defaults(func=cmd_run)
+
+    test = sub.add_parser("config-test", help="check a configuration (like opendkim -n)")
+    _add_config_args(test)
+    test.add_argument("-v", "--verbose", action="store_true",
+                      help="print the effective configuration")
+    test.set_defaults(func=cmd_config_test)
+
+    add_genkey_parser(sub)
+    add_testkey_parser(sub)
+    return parser
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help=f"merged authmilter configuration (default {DEFAULT_CONFIG})")
+    p.add_argument("--opendkim-conf", metavar="FILE",
+                   help="read an existing opendkim.conf unchanged (instead of -c)")
+    p.add_argument("--opendmarc-conf", metavar="FILE",
+                   help="read an existing opendmarc.conf unchanged (instead of -c)")
+
+
+def load_from_args(ns: argparse.Namespace, err: TextIO) -> Loaded:
+    """Read the configuration the arguments name and print its warnings.
+
+    :raises ConfigError: when it cannot be used.
+    """
+    overrides = {"Socket": ns.socket} if getattr(ns, "socket", None) else None
+    if ns.opendkim_conf or ns.opendmarc_conf:
+        if ns.config:
+            raise ConfigError("give either -c or --opendkim-conf/--opendmarc-conf, not both")
+        loaded = load_split(ns.opendkim_conf, ns.opendmarc_conf, overrides=overrides)
+    else:
+        loaded = load_config(ns.config or DEFAULT_CONFIG, overrides=overrides)
+    for w in loaded.warnings:
+        print(f"authmilter: warning: {w}", file=err)
+    return Loaded(resolve_authserv_id(loaded.config), loaded.warnings)
+
+
+def resolve_authserv_id(cfg: Config) -> Config:
+    """``AuthservID`` unset or ``HOSTNAME`` means this host's name (as OpenDKIM)."""
+    if cfg.authserv_id is None or cfg.authserv_id == "HOSTNAME":
+        return dataclasses.replace(cfg, authserv_id=socket.gethostname())
+    return cfg
+
+
+def check_usable(cfg: Config, err: TextIO) -> None:
+    """Open every dataset and load every key the configuration names.
+
+    :raises ConfigError: on the first one that cannot be used.
+    """
+    from authmilter.datasets import HostList, open_dataset
+    from authmilter.keytable import KeyStore
+
+    for spec in (cfg.internal_hosts, cfg.external_ignore_list, cfg.peer_list, cfg.ignore_hosts):
+        if spec is not None:
+            HostList.from_dataset(open_dataset(spec.spec, where=spec.where))
+    for spec in (cfg.macro_list, cfg.mta):
+        if spec is not None:
+            open_dataset(spec.spec, where=spec.where)
+    store = KeyStore.from_config(cfg)
+    for name, where in store.dangling_names():
+        print(f"authmilter: warning: {where}: SigningTable names key '{name}', "
+              "which is not in the KeyTable", file=err)  # fmt: skip
+    if cfg.signing and not store.can_sign:
+        print("authmilter: warning: Mode includes signing but no key is configured "
+              "(KeyTable+SigningTable or Domain+KeyFile+Selector)", file=err)  # fmt: skip
+
+
+def cmd_config_test(ns: argparse.Namespace) -> int:
+    """``authmilter config-test``: exit 0 only when the configuration is usable."""
+    loaded = load_from_args(ns, sys.stderr)
+    check_usable(loaded.config, sys.stderr)
+    if ns.verbose:
+        for line in effective_lines(loaded.config):
+            print(line)
+    print(f"configuration OK ({', '.join(loaded.config.sources) or 'defaults'})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    """``authmilter run``: check the configuration, then serve milter connections."""
+    from authmilter.server import serve
+
+    loaded = load_from_args(ns, sys.stderr)
+    check_usable(loaded.config, sys.stderr)
+    return serve(loaded.config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        code: int = ns.func(ns)
+    except ConfigError as e:
+        print(f"authmilter: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AuthmilterError as e:
+        print(f"authmilter: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code

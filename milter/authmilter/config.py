@@ -1,0 +1,963 @@
+"""Configuration: OpenDKIM- and OpenDMARC-compatible files into one frozen, typed ``Config``.
+
+The file syntax is theirs: ``Name value`` per line, ``#`` starts a comment, booleans by their first
+character, ``Include`` pulls in another file (five levels deep at most). A user's existing
+``opendkim.conf`` and ``opendmarc.conf`` are read unchanged (:func:`load_split`), or one merged file
+(:func:`load_config`); both give equal ``Config`` values.
+
+Every directive either of them knows is in :data:`DIRECTIVES` with its type, default, component and
+whether authmilter honours it. A known but unimplemented directive is a warning naming it with
+file:line; an unknown name is an error with a "did you mean" suggestion; a bad value is an error
+with file:line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any
+
+from authmilter.errors import ConfigError, Location
+
+MAX_INCLUDE_DEPTH = 5
+
+
+class Component(StrEnum):
+    """Which anchor program a directive comes from."""
+
+    OPENDKIM = "opendkim"
+    OPENDMARC = "opendmarc"
+    BOTH = "opendkim+opendmarc"
+    AUTHMILTER = "authmilter"
+
+
+class Support(StrEnum):
+    """What authmilter does with a directive it recognises."""
+
+    SUPPORTED = "supported"
+    IGNORED = "ignored"  # recognised, not implemented: warned about with file:line
+    RESOLVER = "resolver"  # configured the anchors' resolver library: warned about, not fatal
+
+
+class Kind(StrEnum):
+    """The value type of a directive, as the anchors' man pages name it (plus our refinements)."""
+
+    BOOL = "Boolean"
+    INT = "integer"
+    OCTAL = "octal integer"
+    STRING = "string"
+    DATASET = "dataset"
+    HOSTS = "host list (dataset)"
+    HEADERS = "header-name list (dataset)"
+    LIST = "comma-separated list"
+    ACTION = "action"
+    SOCKET = "socket"
+    CANON = "canonicalization"
+    MODE = "mode"
+    ALGORITHM = "signature algorithm"
+
+
+class Action(StrEnum):
+    """A milter action chosen by the ``On-*`` directives; abbreviations as OpenDKIM's."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+    DISCARD = "discard"
+    QUARANTINE = "quarantine"
+
+
+class Canon(StrEnum):
+    """A DKIM canonicalization algorithm (RFC 6376 §3.4)."""
+
+    SIMPLE = "simple"
+    RELAXED = "relaxed"
+
+
+class SignatureAlgorithm(StrEnum):
+    """The DKIM ``a=`` values we can sign with (RFC 6376, RFC 8301, RFC 8463)."""
+
+    RSA_SHA256 = "rsa-sha256"
+    RSA_SHA1 = "rsa-sha1"
+    ED25519_SHA256 = "ed25519-sha256"
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetSpec:
+    """A dataset named in the configuration, with where it was named (not part of equality)."""
+
+    spec: str
+    where: Location | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass(frozen=True, slots=True)
+class Directive:
+    """One row of the directive table."""
+
+    name: str
+    kind: Kind
+    default: Any
+    component: Component
+    support: Support
+    doc: str
+    attr: str = ""  # the Config attribute; derived from the name when empty
+
+    @property
+    def field_name(self) -> str:
+        """The snake_case attribute name on :class:`Config`."""
+        return self.attr or snake_case(self.name)
+
+
+def snake_case(name: str) -> str:
+    """``On-BadSignature`` → ``on_bad_signature``, ``DNSTimeout`` → ``dns_timeout``."""
+    s = name.replace("-", "_")
+    s = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", s)
+    s = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s)
+    return s.lower().replace("__", "_")
+
+
+# RFC 6376 §5.4.1: fields that SHOULD be signed (the OpenDKIM default SignHeaders), and the ones
+# that SHOULD NOT be (the OpenDKIM default OmitHeaders).
+DEFAULT_SIGN_HEADERS = (
+    "From", "Reply-To", "Subject", "Date", "To", "Cc", "Resent-Date", "Resent-From",
+    "Resent-To", "Resent-Cc", "In-Reply-To", "References", "List-Id", "List-Help",
+    "List-Unsubscribe", "List-Subscribe", "List-Post", "List-Owner", "List-Archive",
+    "Message-ID", "Sender", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+    "Content-ID", "Content-Description",
+)  # fmt: skip
+DEFAULT_OMIT_HEADERS = (
+    "Return-Path", "Received", "Comments", "Keywords", "Bcc", "Resent-Bcc", "DKIM-Signature",
+)  # fmt: skip
+
+D, M, B, A = Component.OPENDKIM, Component.OPENDMARC, Component.BOTH, Component.AUTHMILTER
+S, IG, R = Support.SUPPORTED, Support.IGNORED, Support.RESOLVER
+
+
+def _d(name: str, kind: Kind, default: Any, comp: Component, sup: Support, doc: str,
+       attr: str = "") -> Directive:  # fmt: skip
+    return Directive(name, kind, default, comp, sup, doc, attr)
+
+
+#: Every directive of OpenDKIM 2.11 and OpenDMARC 1.4, plus authmilter's own.
+DIRECTIVES: tuple[Directive, ...] = (
+    # -- OpenDKIM ---------------------------------------------------------------------------
+    _d("AllowSHA1Only", Kind.BOOL, False, D, IG, "For OpenSSL builds without SHA-256."),
+    _d("AlwaysAddARHeader", Kind.BOOL, False, D, S,
+       "Add Authentication-Results (dkim=none) even to unsigned mail."),
+    _d("AuthservID", Kind.STRING, None, B, S,
+       "authserv-id of our Authentication-Results; `HOSTNAME` or unset = the host name.",
+       "authserv_id"),
+    _d("AuthservIDWithJobID", Kind.BOOL, False, B, S,
+       "Append `/<queue id>` to the authserv-id.", "authserv_id_with_job_id"),
+    _d("AutoRestart", Kind.BOOL, False, B, IG, "Use the service manager (systemd `Restart=`)."),
+    _d("AutoRestartCount", Kind.INT, 0, B, IG, "See AutoRestart."),
+    _d("AutoRestartRate", Kind.STRING, None, B, IG, "See AutoRestart."),
+    _d("Background", Kind.BOOL, True, B, IG,
+       "authmilter always runs in the foreground under a service manager."),
+    _d("BaseDirectory", Kind.STRING, None, B, IG, "Use absolute paths instead."),
+    _d("BodyLengthDB", Kind.DATASET, None, D, IG,
+       "l= on signatures is not offered (RFC 6376 §8.2)."),
+    _d("BogusKey", Kind.STRING, None, D, IG, "Not implemented."),
+    _d("CaptureUnknownErrors", Kind.BOOL, False, D, IG, "See On-InternalError."),
+    _d("Canonicalization", Kind.CANON, (Canon.RELAXED, Canon.SIMPLE), D, S,
+       "header/body canonicalization when signing. Default `relaxed/simple` (OpenDKIM: "
+       "`simple/simple`)."),
+    _d("ChangeRootDirectory", Kind.STRING, None, B, IG, "Use systemd's RootDirectory= instead."),
+    _d("ClockDrift", Kind.INT, 300, D, S, "Seconds of tolerance for t= and x= when verifying."),
+    _d("Diagnostics", Kind.BOOL, False, D, IG, "z= tags are not generated."),
+    _d("DiagnosticDirectory", Kind.STRING, None, D, IG, "Not implemented."),
+    _d("DisableCryptoInit", Kind.BOOL, False, D, IG, "Not applicable."),
+    _d("DNSConnect", Kind.BOOL, False, D, R, "OpenDKIM resolver option; dnspython retries over TCP "
+       "on truncation by itself."),
+    _d("DNSTimeout", Kind.INT, 5, B, S, "Per-lookup DNS deadline in seconds."),
+    _d("Domain", Kind.DATASET, None, D, S,
+       "Domains to sign for with KeyFile/Selector (ignored when KeyTable is set)."),
+    _d("DomainKeysCompat", Kind.BOOL, False, D, IG, "DomainKeys (RFC 4870) is historic."),
+    _d("DontSignMailTo", Kind.DATASET, None, D, IG, "Not implemented."),
+    _d("EnableCoredumps", Kind.BOOL, False, B, IG, "Not applicable."),
+    _d("ExemptDomains", Kind.DATASET, None, D, IG, "Not implemented."),
+    _d("ExternalIgnoreList", Kind.HOSTS, None, D, S,
+       "Hosts allowed to send as our domains without signing (no log noise)."),
+    _d("FinalPolicyScript", Kind.STRING, None, D, IG, "Lua scripts are not supported."),
+    _d("FixCRLF", Kind.BOOL, False, D, IG, "Not implemented."),
+    _d("IdentityHeader", Kind.STRING, None, D, IG, "Experimental in OpenDKIM; not implemented."),
+    _d("IdentityHeaderRemove", Kind.BOOL, False, D, IG, "See IdentityHeader."),
+    _d("IgnoreMalformedMail", Kind.BOOL, False, D, IG, "Not implemented."),
+    _d("Include", Kind.STRING, None, B, S,
+       "Read another file here (relative paths: relative to the including file; 5 levels)."),
+    _d("InternalHosts", Kind.HOSTS, DatasetSpec("127.0.0.1, ::1"), D, S,
+       "Clients whose mail is signed, not verified. Default `127.0.0.1, ::1` "
+       "(OpenDKIM: `127.0.0.1`)."),
+    _d("KeepAuthResults", Kind.BOOL, False, D, IG,
+       "Forged Authentication-Results with our authserv-id are always removed (RFC 8601 §5)."),
+    _d("KeepTemporaryFiles", Kind.BOOL, False, D, IG, "Not implemented."),
+    _d("KeyFile", Kind.STRING, None, D, S, "Private key for single-key signing (Domain/Selector)."),
+    _d("KeyTable", Kind.DATASET, None, D, S, "Key name → `domain:selector:keyfile`."),
+    _d("LDAPAuthMechanism", Kind.STRING, None, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPAuthName", Kind.STRING, None, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPAuthRealm", Kind.STRING, None, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPAuthUser", Kind.STRING, None, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPBindPassword", Kind.STRING, None, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPBindUser", Kind.STRING, None, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPDisableCache", Kind.BOOL, False, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPKeepaliveIdle", Kind.INT, 0, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPKeepaliveInterval", Kind.INT, 0, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPKeepaliveProbes", Kind.INT, 0, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPSoftStart", Kind.BOOL, False, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPTimeout", Kind.INT, 5, D, IG, "LDAP datasets are not supported."),
+    _d("LDAPUseTLS", Kind.BOOL, False, D, IG, "LDAP datasets are not supported."),
+    _d("LogResults", Kind.BOOL, False, D, IG,
+       "authmilter always logs one line per message with every result."),
+    _d("LogWhy", Kind.BOOL, False, D, IG, "Not implemented; use the per-message log line."),
+    _d("MacroList", Kind.DATASET, None, D, S,
+       "MTA macros (`name` or `name=v1|v2`) that mark mail to be signed."),
+    _d("MaximumHeaders", Kind.INT, 65536, D, S, "Largest header block in bytes (0 = no limit)."),
+    _d("MaximumSignaturesToVerify", Kind.INT, 3, D, S, "Signatures verified per message."),
+    _d("MaximumSignedBytes", Kind.INT, 0, D, IG, "l= on signatures is not offered."),
+    _d("MilterDebug", Kind.INT, 0, B, IG, "libmilter debug level; not exposed."),
+    _d("Minimum", Kind.STRING, None, D, IG, "Partial-body (l=) policy; not implemented."),
+    _d("MinimumKeyBits", Kind.INT, 1024, D, S,
+       "RSA keys below this many bits give dkim=policy (RFC 8301); 0 accepts all."),
+    _d("Mode", Kind.MODE, "sv", D, S, "`s` sign, `v` verify, or both."),
+    _d("MTA", Kind.DATASET, None, D, S, "MTA daemon names ({daemon_name}) whose mail is signed."),
+    _d("MTACommand", Kind.STRING, None, D, IG, "Reports are not sent by this version."),
+    _d("MultipleSignatures", Kind.BOOL, False, D, S,
+       "Apply every matching SigningTable entry, not only the first."),
+    _d("MustBeSigned", Kind.HEADERS, None, D, IG, "Not implemented."),
+    _d("Nameservers", Kind.LIST, (), D, S,
+       "Comma-separated resolvers (`IP`, `IP:port`, `[IPv6]:port`); default resolv.conf."),
+    _d("NoHeaderB", Kind.BOOL, False, D, S, "Leave header.b out of Authentication-Results."),
+    _d("OmitHeaders", Kind.HEADERS, DEFAULT_OMIT_HEADERS, D, S,
+       "Header fields never signed; `*,+X` / `*,-X` edit the default (RFC 6376 §5.4)."),
+    _d("On-BadSignature", Kind.ACTION, Action.ACCEPT, D, S, "A signature fails to verify."),
+    _d("On-Default", Kind.ACTION, None, D, S,
+       "Blanket value for every On-* directive not set explicitly."),
+    _d("On-DNSError", Kind.ACTION, Action.TEMPFAIL, D, S,
+       "A transient DNS error while verifying.", "on_dns_error"),
+    _d("On-InternalError", Kind.ACTION, Action.TEMPFAIL, D, S, "An internal error (mail is kept)."),
+    _d("On-KeyNotFound", Kind.ACTION, Action.ACCEPT, D, S, "The signing key is not in DNS."),
+    _d("On-NoSignature", Kind.ACTION, Action.ACCEPT, D, S, "A message arrives unsigned."),
+    _d("On-Security", Kind.ACTION, Action.TEMPFAIL, D, IG, "Not implemented."),
+    _d("On-SignatureError", Kind.ACTION, Action.REJECT, D, S, "A message cannot be signed."),
+    _d("OversignHeaders", Kind.HEADERS, ("From",), D, S,
+       "Fields signed once more than present, so none can be added. Default `From` "
+       "(OpenDKIM: empty; Debian ships `From`)."),
+    _d("PeerList", Kind.HOSTS, None, D, S, "Clients whose mail is passed through untouched."),
+    _d("PidFile", Kind.STRING, None, B, S, "Write the process id here."),
+    _d("POPDBFile", Kind.DATASET, None, D, IG, "Not implemented."),
+    _d("Quarantine", Kind.BOOL, False, D, IG, "Use On-BadSignature quarantine."),
+    _d("QueryCache", Kind.BOOL, False, D, S, "authmilter always caches DNS answers by their TTL."),
+    _d("RedirectFailuresTo", Kind.STRING, None, D, IG, "Not implemented."),
+    _d("RemoveARAll", Kind.BOOL, False, D, S,
+       "Always on: every A-R claiming our authserv-id is removed, whatever it carries."),
+    _d("RemoveARFrom", Kind.LIST, (), D, S,
+       "More authserv-ids (`host.example.com`, or `.example.com` for a domain) whose A-R are "
+       "removed."),
+    _d("RemoveOldSignatures", Kind.BOOL, False, D, IG, "Not implemented."),
+    _d("ReplaceHeaders", Kind.DATASET, None, D, IG, "Experimental in OpenDKIM; not implemented."),
+    _d("ReplaceRules", Kind.STRING, None, D, IG, "Experimental in OpenDKIM; not implemented."),
+    _d("ReportAddress", Kind.STRING, None, D, IG, "DKIM failure reports are not sent."),
+    _d("ReportBccAddress", Kind.STRING, None, D, IG, "DKIM failure reports are not sent."),
+    _d("RequestReports", Kind.BOOL, False, D, IG, "DKIM failure reports are not requested."),
+    _d("RequiredHeaders", Kind.BOOL, False, B, S,
+       "Reject messages without exactly one From and one Date (RFC 5322 §3.6)."),
+    _d("RequireSafeKeys", Kind.BOOL, True, D, S,
+       "Refuse private key files readable or writable by group or others."),
+    _d("ResignAll", Kind.BOOL, False, D, IG, "Experimental in OpenDKIM; not implemented."),
+    _d("ResignMailTo", Kind.DATASET, None, D, IG, "Experimental in OpenDKIM; not implemented."),
+    _d("ResolverConfiguration", Kind.STRING, None, D, R,
+       "libunbound configuration file; authmilter uses dnspython (see Nameservers)."),
+    _d("ResolverTracing", Kind.BOOL, False, D, R, "OpenDKIM resolver option."),
+    _d("ScreenPolicyScript", Kind.STRING, None, D, IG, "Lua scripts are not supported."),
+    _d("SelectCanonicalizationHeader", Kind.STRING, None, D, IG, "Not implemented."),
+    _d("Selector", Kind.STRING, None, D, S, "Selector for single-key signing (Domain/KeyFile)."),
+    _d("SenderHeaders", Kind.HEADERS, None, D, IG, "The signer is always chosen by From."),
+    _d("SenderMacro", Kind.STRING, None, D, IG, "Experimental in OpenDKIM; not implemented."),
+    _d("SendReports", Kind.BOOL, False, D, IG, "DKIM failure reports are not sent."),
+    _d("SetupPolicyScript", Kind.STRING, None, D, IG, "Lua scripts are not supported."),
+    _d("SignatureAlgorithm", Kind.ALGORITHM, SignatureAlgorithm.RSA_SHA256, D, S,
+       "Algorithm for RSA keys; Ed25519 keys always sign ed25519-sha256."),
+    _d("SignatureTTL", Kind.INT, 0, D, S, "Signature lifetime in seconds (x=); 0 = none."),
+    _d("SignHeaders", Kind.HEADERS, DEFAULT_SIGN_HEADERS, D, S,
+       "Header fields to sign (default: RFC 6376 §5.4 list); `*,+X` / `*,-X` edit it."),
+    _d("SigningTable", Kind.DATASET, None, D, S, "From address → KeyTable key name."),
+    _d("SMTPURI", Kind.STRING, None, D, IG, "Not implemented."),
+    _d("Socket", Kind.SOCKET, "inet:8891@127.0.0.1", B, S,
+       "`inet:port@host`, `inet6:port@host`, `local:/path`. Prefer `local:` with Postfix."),
+    _d("SoftStart", Kind.BOOL, False, D, IG, "No SQL/LDAP datasets, nothing to soft-start."),
+    _d("SoftwareHeader", Kind.BOOL, False, B, IG, "Not implemented."),
+    _d("Statistics", Kind.STRING, None, D, IG, "OpenDKIM statistics are not kept."),
+    _d("StatisticsName", Kind.STRING, None, D, IG, "OpenDKIM statistics are not kept."),
+    _d("StatisticsPolicyScript", Kind.STRING, None, D, IG, "Lua scripts are not supported."),
+    _d("StatisticsPrefix", Kind.STRING, None, D, IG, "OpenDKIM statistics are not kept."),
+    _d("StrictHeaders", Kind.BOOL, False, D, IG, "See RequiredHeaders."),
+    _d("StrictTestMode", Kind.BOOL, False, D, IG, "Not applicable."),
+    _d("SubDomains", Kind.BOOL, False, D, S, "Sign for subdomains of Domain/SigningTable domains."),
+    _d("Syslog", Kind.BOOL, False, B, S, "Log to syslog (else to standard error)."),
+    _d("SyslogFacility", Kind.STRING, "mail", B, S, "Syslog facility name."),
+    _d("SyslogName", Kind.STRING, "authmilter", D, S, "Syslog identifier."),
+    _d("SyslogSuccess", Kind.BOOL, False, D, S, "Also log successful signing/verification."),
+    _d("TemporaryDirectory", Kind.STRING, None, D, S,
+       "Where large message bodies are spooled (default: the system temp directory)."),
+    _d("TestDNSData", Kind.DATASET, None, D, IG, "Tests use a real DNS server."),
+    _d("TestPublicKeys", Kind.STRING, None, D, IG, "Tests use a real DNS server."),
+    _d("TrustAnchorFile", Kind.STRING, None, D, R, "DNSSEC trust anchors of libunbound."),
+    _d("TrustSignaturesFrom", Kind.DATASET, None, D, IG, "Not implemented."),
+    _d("UMask", Kind.OCTAL, None, B, S, "umask for the socket and pid file (e.g. `007`).",
+       "umask"),
+    _d("UnprotectedKey", Kind.STRING, None, D, IG, "DNSSEC status is not evaluated."),
+    _d("UserID", Kind.STRING, None, B, S, "`user[:group]` to run as after binding the socket."),
+    _d("VBR-Certifiers", Kind.STRING, None, D, IG, "VBR (RFC 5518) is not implemented."),
+    _d("VBR-PurgeFields", Kind.STRING, None, D, IG, "VBR (RFC 5518) is not implemented."),
+    _d("VBR-TrustedCertifiers", Kind.STRING, None, D, IG, "VBR (RFC 5518) is not implemented."),
+    _d("VBR-TrustedCertifiersOnly", Kind.BOOL, False, D, IG, "VBR (RFC 5518) is not implemented."),
+    _d("VBR-Type", Kind.STRING, None, D, IG, "VBR (RFC 5518) is not implemented."),
+    _d("WeakSyntaxChecks", Kind.BOOL, False, D, IG, "Not implemented."),
+    # -- OpenDMARC --------------------------------------------------------------------------
+    _d("CopyFailuresTo", Kind.STRING, None, M, IG, "Not implemented."),
+    _d("DomainWhitelist", Kind.STRING, None, M, IG, "ARC is not evaluated by this version."),
+    _d("DomainWhitelistFile", Kind.STRING, None, M, IG, "ARC is not evaluated by this version."),
+    _d("DomainWhitelistSize", Kind.INT, 0, M, IG, "ARC is not evaluated by this version."),
+    _d("FailureReports", Kind.BOOL, False, M, IG, "DMARC failure reports are not sent yet."),
+    _d("FailureReportsBcc", Kind.STRING, None, M, IG, "DMARC failure reports are not sent yet."),
+    _d("FailureReportsOnNone", Kind.BOOL, False, M, IG, "DMARC failure reports are not sent yet."),
+    _d("FailureReportsSentBy", Kind.STRING, None, M, IG, "DMARC failure reports are not sent yet."),
+    _d("HistoryFile", Kind.STRING, None, M, IG, "Aggregate-report history is not kept yet."),
+    _d("HoldQuarantinedMessages", Kind.BOOL, False, M, S,
+       "Put p=quarantine failures in the MTA's hold queue."),
+    _d("IgnoreAuthenticatedClients", Kind.BOOL, False, M, S,
+       "Skip DMARC for SMTP-AUTH clients."),
+    _d("IgnoreHosts", Kind.HOSTS, DatasetSpec("127.0.0.1"), M, S,
+       "Clients whose mail is not DMARC-evaluated (a file path, as OpenDMARC; default "
+       "`127.0.0.1`)."),
+    _d("IgnoreMailFrom", Kind.LIST, (), M, S, "From domains whose mail is not DMARC-evaluated."),
+    _d("IgnoreMailTo", Kind.LIST, (), M, IG, "Aggregate-report history is not kept yet."),
+    _d("PublicSuffixList", Kind.STRING, None, M, S,
+       "PSL file for the organizational domain; default: the list shipped with publicsuffixlist."),
+    _d("RecordAllMessages", Kind.BOOL, False, M, IG, "Aggregate-report history is not kept yet."),
+    _d("RejectFailures", Kind.BOOL, False, M, S,
+       "Enforce p=reject with 550 5.7.1 (temperror → tempfail)."),
+    _d("RejectMultiValueFrom", Kind.BOOL, False, M, S,
+       "Reject From fields with addresses from several domains."),
+    _d("RejectString", Kind.STRING, "rejected by DMARC policy for %s", M, S,
+       "SMTP reply text for DMARC rejects; one `%s` = the From domain."),
+    _d("ReportCommand", Kind.STRING, None, M, IG, "DMARC failure reports are not sent yet."),
+    _d("SPFIgnoreResults", Kind.BOOL, False, M, S,
+       "Ignore SPF results in headers (authmilter never trusts them: it checks SPF itself)."),
+    _d("SPFSelfValidate", Kind.BOOL, False, M, S,
+       "Always on in effect: authmilter computes SPF itself.", "spf_self_validate"),
+    _d("TrustedAuthservIDs", Kind.LIST, None, M, S,
+       "Upstream authserv-ids whose results are trusted (default: AuthservID).",
+       "trusted_authserv_ids"),
+)
+
+_BY_LOWER: dict[str, Directive] = {d.name.lower(): d for d in DIRECTIVES}
+
+# Directives whose meaning is an action on the message; On-Default fills those left unset.
+_ON_DIRECTIVES = tuple(d for d in DIRECTIVES if d.kind is Kind.ACTION and d.name != "On-Default")
+
+
+def directive(name: str) -> Directive:
+    """Look a directive up by name, case-insensitively.
+
+    :raises KeyError: when no anchor knows the name.
+    """
+    return _BY_LOWER[name.lower()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed configuration.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The effective configuration: every supported directive as a typed attribute.
+
+    Equal configurations compare equal whichever files they came from (locations are kept in
+    ``where`` and ``sources``, which do not take part in comparison). Change one by
+    ``dataclasses.replace``.
+    """
+
+    always_add_ar_header: bool = False
+    authserv_id: str | None = None
+    authserv_id_with_job_id: bool = False
+    canonicalization: tuple[Canon, Canon] = (Canon.RELAXED, Canon.SIMPLE)
+    clock_drift: int = 300
+    dns_timeout: int = 5
+    domain: DatasetSpec | None = None
+    external_ignore_list: DatasetSpec | None = None
+    internal_hosts: DatasetSpec = DatasetSpec("127.0.0.1, ::1")
+    key_file: str | None = None
+    key_table: DatasetSpec | None = None
+    macro_list: DatasetSpec | None = None
+    maximum_headers: int = 65536
+    maximum_signatures_to_verify: int = 3
+    minimum_key_bits: int = 1024
+    mode: str = "sv"
+    mta: DatasetSpec | None = None
+    multiple_signatures: bool = False
+    nameservers: tuple[str, ...] = ()
+    no_header_b: bool = False
+    omit_headers: tuple[str, ...] = DEFAULT_OMIT_HEADERS
+    on_bad_signature: Action = Action.ACCEPT
+    on_default: Action | None = None
+    on_dns_error: Action = Action.TEMPFAIL
+    on_internal_error: Action = Action.TEMPFAIL
+    on_key_not_found: Action = Action.ACCEPT
+    on_no_signature: Action = Action.ACCEPT
+    on_signature_error: Action = Action.REJECT
+    oversign_headers: tuple[str, ...] = ("From",)
+    peer_list: DatasetSpec | None = None
+    pid_file: str | None = None
+    query_cache: bool = False
+    remove_ar_all: bool = False
+    remove_ar_from: tuple[str, ...] = ()
+    required_headers: bool = False
+    require_safe_keys: bool = True
+    selector: str | None = None
+    signature_algorithm: SignatureAlgorithm = SignatureAlgorithm.RSA_SHA256
+    signature_ttl: int = 0
+    sign_headers: tuple[str, ...] = DEFAULT_SIGN_HEADERS
+    signing_table: DatasetSpec | None = None
+    socket: str = "inet:8891@127.0.0.1"
+    sub_domains: bool = False
+    syslog: bool = False
+    syslog_facility: str = "mail"
+    syslog_name: str = "authmilter"
+    syslog_success: bool = False
+    temporary_directory: str | None = None
+    umask: int | None = None
+    user_id: str | None = None
+    # OpenDMARC
+    hold_quarantined_messages: bool = False
+    ignore_authenticated_clients: bool = False
+    ignore_hosts: DatasetSpec = DatasetSpec("127.0.0.1")
+    ignore_mail_from: tuple[str, ...] = ()
+    public_suffix_list: str | None = None
+    reject_failures: bool = False
+    reject_multi_value_from: bool = False
+    reject_string: str = "rejected by DMARC policy for %s"
+    spf_ignore_results: bool = False
+    spf_self_validate: bool = False
+    trusted_authserv_ids: tuple[str, ...] | None = None
+    # Provenance, not configuration.
+    ignored: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    where: Mapping[str, Location] = field(default_factory=dict, compare=False)
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def signing(self) -> bool:
+        """True when Mode includes signing."""
+        return "s" in self.mode
+
+    @property
+    def verifying(self) -> bool:
+        """True when Mode includes verifying."""
+        return "v" in self.mode
+
+    @classmethod
+    def from_text(cls, text: str, *, path: str = "<config>") -> Config:
+        """Parse one configuration text (``Include`` relative to ``path``'s folder).
+
+        :raises ConfigError: on the first unusable line, with file:line.
+        """
+        return build_config(read_settings_text(text, path)).config
+
+    def location(self, attr: str) -> Location | None:
+        """Where the value of ``attr`` was set, or None for a default."""
+        return self.where.get(attr)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWarning:
+    """A warning about a usable configuration, with where it applies."""
+
+    message: str
+    where: Location | None = None
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where is not None else self.message
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A configuration together with the warnings found while reading it."""
+
+    config: Config
+    warnings: tuple[ConfigWarning, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One ``Name value`` line, as read."""
+
+    directive: Directive
+    value: str
+    where: Location
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files.
+
+
+_LINE = re.compile(r"^\s*(?P<name>\S+)(?:\s+(?P<value>.*?))?\s*$")
+
+
+def read_settings_text(text: str, path: str, *, _depth: int = 0) -> list[Setting]:
+    """Split a configuration text into settings, following ``Include``.
+
+    :raises ConfigError: for an unknown directive, a missing value or a bad Include.
+    """
+    settings: list[Setting] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0]
+        if not line.strip():
+            continue
+        where = Location(path, lineno)
+        m = _LINE.match(line)
+        assert m is not None  # a non-blank line always has a first word
+        name, value = m.group("name"), m.group("value") or ""
+        d = _BY_LOWER.get(name.lower())
+        if d is None:
+            raise ConfigError(_unknown_message(name), where)
+        if not value:
+            raise ConfigError(f"{d.name}: missing value", where)
+        if d.name == "Include":
+            target = Path(value)
+            if not target.is_absolute():
+                target = Path(path).parent / target
+            if _depth + 1 > MAX_INCLUDE_DEPTH:
+                raise ConfigError(f"Include: nested more than {MAX_INCLUDE_DEPTH} levels", where)
+            settings.extend(_read_file(str(target), where, _depth + 1))
+            continue
+        settings.append(Setting(d, value, where))
+    return settings
+
+
+def _read_file(path: str, where: Location | None, depth: int = 0) -> list[Setting]:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}", where) from e
+    return read_settings_text(text, path, _depth=depth)
+
+
+def _unknown_message(name: str) -> str:
+    names = {d.name.lower(): d.name for d in DIRECTIVES}
+    close = difflib.get_close_matches(name.lower(), list(names), n=1, cutoff=0.75)
+    hint = f"; did you mean '{names[close[0]]}'?" if close else ""
+    return f"unknown directive '{name}'{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Values.
+
+
+def parse_bool(value: str) -> bool:
+    """OpenDKIM's rule: only the first character counts.
+
+    :raises ValueError: when it is none of ``TtYy1`` / ``FfNn0``.
+    """
+    c = value[:1]
+    if c in "TtYy1" and c:
+        return True
+    if c in "FfNn0" and c:
+        return False
+    raise ValueError(f"'{value}' is not a Boolean (use true/false, yes/no, 1/0)")
+
+
+def parse_int(value: str) -> int:
+    """A non-negative decimal integer.
+
+    :raises ValueError: otherwise.
+    """
+    if not re.fullmatch(r"[0-9]+", value):
+        raise ValueError(f"'{value}' is not a non-negative integer")
+    return int(value)
+
+
+def parse_octal(value: str) -> int:
+    """A umask such as ``007`` or ``0077`` (always octal, as users write them).
+
+    :raises ValueError: otherwise.
+    """
+    if not re.fullmatch(r"0?[0-7]{1,4}", value) or int(value, 8) > 0o777:
+        raise ValueError(f"'{value}' is not an octal file mode mask such as 007")
+    return int(value, 8)
+
+
+def parse_action(value: str) -> Action:
+    """An ``On-*`` action: accept, reject, tempfail, discard, quarantine, or their first letter.
+
+    :raises ValueError: otherwise.
+    """
+    v = value.lower()
+    for a in Action:
+        if v == a.value or v == a.value[0]:
+            return a
+    raise ValueError(f"'{value}' is not an action (accept, reject, tempfail, discard, quarantine)")
+
+
+def parse_canonicalization(value: str) -> tuple[Canon, Canon]:
+    """``relaxed/simple``; a single name sets the header canonicalization, body stays simple.
+
+    :raises ValueError: on an unknown name.
+    """
+    parts = value.lower().split("/")
+    if len(parts) > 2:
+        raise ValueError(f"'{value}' is not header/body canonicalization")
+    try:
+        header = Canon(parts[0])
+        body = Canon(parts[1]) if len(parts) == 2 else Canon.SIMPLE
+    except ValueError:
+        raise ValueError(f"'{value}': canonicalizations are 'simple' and 'relaxed'") from None
+    return header, body
+
+
+def parse_mode(value: str) -> str:
+    """A subset of ``sv``, normalised to that order.
+
+    :raises ValueError: on any other letter.
+    """
+    letters = set(value.lower())
+    if not letters or not letters <= {"s", "v"}:
+        raise ValueError(f"'{value}' is not a mode (s = sign, v = verify, sv = both)")
+    return "".join(c for c in "sv" if c in letters)
+
+
+def parse_algorithm(value: str) -> SignatureAlgorithm:
+    """rsa-sha256, rsa-sha1 (accepted, but RFC 8301 verifiers fail it) or ed25519-sha256.
+
+    :raises ValueError: otherwise.
+    """
+    try:
+        return SignatureAlgorithm(value.lower())
+    except ValueError:
+        names = ", ".join(a.value for a in SignatureAlgorithm)
+        raise ValueError(f"'{value}' is not a signature algorithm ({names})") from None
+
+
+def parse_socket(value: str) -> str:
+    """Validate a milter socket spec and return it in the form libmilter takes.
+
+    Accepted: ``inet:PORT@HOST``, ``inet:PORT`` (all interfaces), ``inet6:PORT@HOST``,
+    ``local:/path`` (also ``unix:/path`` and a bare absolute path). Host literals may be
+    bracketed: ``inet6:8891@[::1]``.
+
+    :raises ValueError: with what is wrong.
+    """
+    if value.startswith("/"):
+        return "local:" + value
+    kind, sep, rest = value.partition(":")
+    kind = kind.lower()
+    if not sep:
+        raise ValueError(
+            f"'{value}' is not a socket (inet:port@host, inet6:port@host, local:/path)")
+    if kind in ("local", "unix"):
+        if not rest.startswith("/"):
+            raise ValueError(f"'{value}': a local socket needs an absolute path")
+        return "local:" + rest
+    if kind not in ("inet", "inet6"):
+        raise ValueError(f"'{value}': unknown socket type '{kind}' (inet, inet6, local)")
+    port_s, _, host = rest.partition("@")
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"'{value}': port must be a number from 1 to 65535")
+    if host:
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            addr = ipaddress.ip_address(bare)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", bare):
+                raise ValueError(
+                    f"'{value}': '{host}' is neither an address nor a host name") from None
+        else:
+            if (addr.version == 6) != (kind == "inet6"):
+                raise ValueError(f"'{value}': {kind} needs an IPv{4 if kind == 'inet' else 6} "
+                                 "address")  # fmt: skip
+    return f"{kind}:{port_s}@{host}" if host else f"{kind}:{port_s}"
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    """A comma-separated list (blank items dropped)."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def edit_header_list(value: str, default: Sequence[str]) -> tuple[str, ...]:
+    """OpenDKIM's header-list syntax: a list replaces the default; ``*,+X,-Y`` edits it."""
+    items = list(parse_list(value))
+    if not items or items[0] != "*":
+        return tuple(items)
+    result = list(default)
+    for item in items[1:]:
+        name = item[1:] if item[:1] in "+-" else item
+        present = [h for h in result if h.lower() == name.lower()]
+        if item.startswith("-"):
+            result = [h for h in result if h.lower() != name.lower()]
+        elif not present:
+            result.append(name)
+    return tuple(result)
+
+
+def header_list_from_dataset(spec: str, where: Location, default: Sequence[str]) -> tuple[str, ...]:
+    """A header-name list given inline (csl) or as a file dataset.
+
+    :raises ConfigError: when the dataset cannot be read.
+    """
+    if spec.startswith(("file:", "refile:", "/", "./", "../")):
+        from authmilter.datasets import open_dataset
+
+        names = [k for k, _v, _w in open_dataset(spec, where=where).entries()]
+        return edit_header_list(",".join(names), default)
+    return edit_header_list(spec.removeprefix("csl:"), default)
+
+
+_PARSERS: dict[Kind, Callable[[str], Any]] = {
+    Kind.BOOL: parse_bool,
+    Kind.INT: parse_int,
+    Kind.OCTAL: parse_octal,
+    Kind.STRING: str,
+    Kind.LIST: parse_list,
+    Kind.ACTION: parse_action,
+    Kind.SOCKET: parse_socket,
+    Kind.CANON: parse_canonicalization,
+    Kind.MODE: parse_mode,
+    Kind.ALGORITHM: parse_algorithm,
+}
+
+
+def parse_value(setting: Setting) -> Any:
+    """Convert one setting's text to its typed value.
+
+    :raises ConfigError: with the setting's file:line when the value is not of the type.
+    """
+    d = setting.directive
+    try:
+        if d.kind in (Kind.DATASET, Kind.HOSTS):
+            _check_dataset_type(setting.value)
+            spec = setting.value
+            if d.name == "IgnoreHosts" and not spec.startswith(_DATASET_PREFIXES):
+                spec = "file:" + spec  # OpenDMARC: always the path of a file
+            return DatasetSpec(spec, setting.where)
+        if d.kind is Kind.HEADERS:
+            return header_list_from_dataset(setting.value, setting.where, d.default or ())
+        return _PARSERS[d.kind](setting.value)
+    except ValueError as e:
+        raise ConfigError(f"{d.name}: {e}", setting.where) from None
+
+
+_DATASET_PREFIXES = ("file:", "refile:", "csl:")
+_UNSUPPORTED_DATASETS = ("db:", "dsn:", "ldap:", "ldaps:", "ldapi:", "lua:", "memcache:",
+                         "erlang:", "mdb:", "repute:", "socket:")  # fmt: skip
+
+
+def _check_dataset_type(spec: str) -> None:
+    """Refuse dataset types we do not read, early, so the error points at the config line."""
+    low = spec.lower()
+    for prefix in _UNSUPPORTED_DATASETS:
+        if low.startswith(prefix):
+            raise ValueError(
+                f"dataset type '{prefix}' is not supported by authmilter "
+                "(supported: file:, refile:, csl:)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the Config.
+
+
+_CONFIG_FIELDS = {f.name for f in fields(Config)}
+
+
+def build_config(settings: Iterable[Setting], *,
+                 overrides: Mapping[str, str] | None = None) -> Loaded:  # fmt: skip
+    """Turn settings (last one wins within a source) into a ``Config`` and warnings.
+
+    ``overrides`` maps directive names to values given on the command line (``-p`` → Socket).
+
+    :raises ConfigError: on the first bad value or an unusable combination.
+    """
+    warnings: list[ConfigWarning] = []
+    chosen: dict[str, Setting] = {}
+    for s in settings:
+        prev = chosen.get(s.directive.name)
+        if prev is not None and prev.value != s.value:
+            warnings.append(ConfigWarning(
+                f"{s.directive.name} set again (first at {prev.where}); this value is used",
+                s.where))  # fmt: skip
+        chosen[s.directive.name] = s
+    for name, value in (overrides or {}).items():
+        d = directive(name)
+        chosen[d.name] = Setting(d, value, Location("<command line>"))
+
+    values: dict[str, Any] = {}
+    where: dict[str, Location] = {}
+    ignored: list[tuple[str, str]] = []
+    for s in chosen.values():
+        d = s.directive
+        value = parse_value(s)
+        if d.support is Support.SUPPORTED:
+            values[d.field_name] = value
+            where[d.field_name] = s.where
+            continue
+        ignored.append((d.name, s.value))
+        if d.support is Support.RESOLVER:
+            warnings.append(ConfigWarning(
+                f"{d.name} configures the anchors' resolver library, not authmilter's "
+                f"(dnspython); ignored. {d.doc}", s.where))  # fmt: skip
+        else:
+            warnings.append(ConfigWarning(
+                f"{d.name} is recognised but not implemented by authmilter; ignored. {d.doc}",
+                s.where))  # fmt: skip
+
+    # On-Default is "processed before the other On- values": it fills the ones not set.
+    if "on_default" in values:
+        for d in _ON_DIRECTIVES:
+            if d.support is Support.SUPPORTED and d.field_name not in values:
+                values[d.field_name] = values["on_default"]
+
+    _check_combinations(values, where, warnings)
+    assert set(values) <= _CONFIG_FIELDS, set(values) - _CONFIG_FIELDS
+    cfg = Config(**values, ignored=tuple(sorted(ignored)), where=where,
+                 sources=tuple(dict.fromkeys(s.where.path for s in chosen.values())))  # fmt: skip
+    return Loaded(cfg, tuple(warnings))
+
+
+def _check_combinations(values: dict[str, Any], where: Mapping[str, Location],
+                        warnings: list[ConfigWarning]) -> None:  # fmt: skip
+    """Cross-directive rules that make a configuration unusable or suspicious."""
+    rs = values.get("reject_string")
+    if rs is not None and rs.count("%s") != 1:
+        raise ConfigError("RejectString: must contain '%s' exactly once (the From domain)",
+                          where.get("reject_string"))  # fmt: skip
+    if values.get("signature_algorithm") is SignatureAlgorithm.RSA_SHA1:
+        warnings.append(ConfigWarning(
+            "SignatureAlgorithm rsa-sha1: RFC 8301 verifiers treat such signatures as failing",
+            where.get("signature_algorithm")))  # fmt: skip
+    single = [n for n in ("key_file", "selector") if n in values]
+    if "key_table" in values:
+        for n in single + (["domain"] if "domain" in values else []):
+            warnings.append(ConfigWarning(
+                f"{_name_of(n)} is ignored because KeyTable is set", where.get(n)))
+        if "signing_table" not in values:
+            warnings.append(ConfigWarning(
+                "KeyTable without SigningTable: nothing will be signed", where.get("key_table")))
+    elif "signing_table" in values:
+        raise ConfigError("SigningTable needs a KeyTable", where.get("signing_table"))
+    elif single and len(single) < 2:
+        missing = {"key_file", "selector"} - set(single)
+        raise ConfigError(
+            f"single-key signing needs KeyFile and Selector; {_name_of(missing.pop())} is missing",
+            where.get(single[0]))  # fmt: skip
+    mkb = values.get("minimum_key_bits")
+    if mkb is not None and 0 < mkb < 1024:
+        warnings.append(ConfigWarning(
+            f"MinimumKeyBits {mkb}: RFC 8301 requires verifiers to refuse RSA keys below 1024 bits",
+            where.get("minimum_key_bits")))  # fmt: skip
+
+
+def _name_of(field_name: str) -> str:
+    return next(d.name for d in DIRECTIVES if d.field_name == field_name)
+
+
+def load_config(path: str, *, overrides: Mapping[str, str] | None = None) -> Loaded:
+    """Read one (merged) configuration file.
+
+    :raises ConfigError: naming file:line of the first problem.
+    """
+    return build_config(_read_file(path, None), overrides=overrides)
+
+
+def load_split(opendkim_conf: str | None, opendmarc_conf: str | None, *,
+               overrides: Mapping[str, str] | None = None) -> Loaded:  # fmt: skip
+    """Read a user's existing opendkim.conf and opendmarc.conf unchanged.
+
+    A directive both files set differently takes the OpenDKIM file's value, with a warning that
+    names both lines.
+
+    :raises ConfigError: naming file:line of the first problem.
+    """
+    dkim = _read_file(opendkim_conf, None) if opendkim_conf else []
+    dmarc = _read_file(opendmarc_conf, None) if opendmarc_conf else []
+    dkim_last = {s.directive.name: s for s in dkim}
+    warnings: list[ConfigWarning] = []
+    kept_dmarc: list[Setting] = []
+    for s in dmarc:
+        other = dkim_last.get(s.directive.name)
+        if other is None:
+            kept_dmarc.append(s)
+        elif other.value != s.value:
+            warnings.append(ConfigWarning(
+                f"{s.directive.name} is '{other.value}' in {other.where} and '{s.value}' here; "
+                "the OpenDKIM file's value is used", s.where))  # fmt: skip
+    loaded = build_config([*kept_dmarc, *dkim], overrides=overrides)
+    return Loaded(loaded.config, (*warnings, *loaded.warnings))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presenting it.
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, tuple):
+        if len(value) == 2 and all(isinstance(v, Canon) for v in value):
+            return f"{value[0].value}/{value[1].value}"
+        return ", ".join(str(v) for v in value) if value else "(empty)"
+    if value is None:
+        return "(unset)"
+    return str(value)
+
+
+def effective_lines(cfg: Config) -> list[str]:
+    """``Name value  # where`` for every supported directive, for ``config-test -v``."""
+    lines = []
+    for d in DIRECTIVES:
+        if d.support is not Support.SUPPORTED or d.name == "Include":
+            continue
+        value = getattr(cfg, d.field_name)
+        shown = f"{value:04o}" if d.kind is Kind.OCTAL and value is not None else _show(value)
+        loc = cfg.location(d.field_name)
+        lines.append(f"{d.name:<28} {shown}" + (f"    # {loc}" if loc else "    # default"))
+    for name, value in cfg.ignored:
+        lines.append(f"#{name:<27} {value}    # recognised, ignored")
+    return lines
+
+
+def directives_markdown() -> str:
+    """The directive reference table of ``docs/configuration.md`` (kept in sync by a test)."""
+    out = [
+        "| Directive | From | Status | Type | Default | Notes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in sorted(DIRECTIVES, key=lambda d: d.name.lower()):
+        if d.kind is Kind.OCTAL and d.default is not None:
+            default = f"{d.default:04o}"
+        elif d.default is None or d.default == ():
+            default = "—"
+        else:
+            default = _show(d.default)
+        status = {S: "supported", IG: "warned, ignored", R: "warned, ignored (resolver)"}[d.support]
+        default = default.replace("|", "\\|")
+        out.append(f"| `{d.name}` | {d.component.value} | {status} | {d.kind.value} | "
+                   f"{default} | {d.doc.replace('|', chr(92) + '|')} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m authmilter.config --markdown`
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(directives_markdown())
+    else:
+        sys.stderr.write("usage: python -m authmilter.config --markdown\n")
+        sys.exit(2)

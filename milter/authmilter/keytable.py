@@ -1,0 +1,261 @@
+"""Which keys sign a message: OpenDKIM's KeyTable / SigningTable, or the single-key mode.
+
+Keys are loaded once, when the store is built (at start and on reload), never per message:
+parsing and validating a PEM key costs tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from authmilter.config import Config, DatasetSpec, load_config
+from authmilter.datasets import Dataset, RegexDataset, open_dataset
+from authmilter.errors import ConfigError, KeyMaterialError, Location
+from authmilter.keys import PrivateKey, load_private_key, parse_private_key
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """One KeyTable line: ``name  domain:selector:key``.
+
+    ``domain`` may be ``%`` (the From domain); ``key_source`` is a path, or an inline
+    base64 key, and may contain ``%`` too.
+    """
+
+    name: str
+    domain: str
+    selector: str
+    key_source: str
+    where: Location | None = None
+
+    @property
+    def is_path(self) -> bool:
+        """OpenDKIM's rule: a value starting with ``/``, ``./`` or ``../`` names a file."""
+        return self.key_source.startswith(("/", "./", "../"))
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A key chosen to sign one message, with ``%`` already replaced."""
+
+    keyname: str
+    domain: str
+    selector: str
+    key: PrivateKey
+    identity: str | None = None  # the i= value the SigningTable asked for, if any
+
+
+def parse_key_entry(name: str, value: str, where: Location | None) -> KeyEntry:
+    """Split a KeyTable value ``domain:selector:key`` (the key part may contain colons).
+
+    :raises ConfigError: when a part is missing.
+    """
+    parts = value.split(":", 2)
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise ConfigError(
+            f"KeyTable entry '{name}': value must be domain:selector:keyfile, got '{value}'",
+            where)  # fmt: skip
+    domain, selector, key = (p.strip() for p in parts)
+    return KeyEntry(name, domain.lower(), selector, key, where)
+
+
+class KeyStore:
+    """The signing-key lookup for a configuration: ``keys_for(from_address)``."""
+
+    def __init__(self, *, key_table: Dataset | None, signing_table: Dataset | None,
+                 entries: dict[str, KeyEntry], loaded: dict[str, PrivateKey],
+                 domains: Dataset | None, single: KeyEntry | None, sub_domains: bool,
+                 multiple: bool, require_safe: bool) -> None:  # fmt: skip
+        self._key_table = key_table
+        self._signing_table = signing_table
+        self._entries = entries
+        self._loaded = loaded
+        self._domains = domains
+        self._single = single
+        self._sub_domains = sub_domains
+        self._multiple = multiple
+        self._require_safe = require_safe
+        self._lazy: dict[str, PrivateKey] = {}
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> KeyStore:
+        """Open the tables and load every key they name that has no ``%`` in its path.
+
+        :raises ConfigError: for unreadable tables, malformed lines, unreadable or unsafe keys,
+            each naming the file:line that named them.
+        """
+        entries: dict[str, KeyEntry] = {}
+        loaded: dict[str, PrivateKey] = {}
+        key_table = signing_table = domains = None
+        single = None
+        if cfg.key_table is not None:
+            key_table = _open(cfg.key_table)
+            for name, value, where in key_table.entries():
+                entry = parse_key_entry(name, value, where)
+                entries.setdefault(name.lower(), entry)
+                if "%" not in entry.key_source:
+                    loaded[name.lower()] = _load(entry, cfg.require_safe_keys)
+            if cfg.signing_table is not None:
+                signing_table = _open(cfg.signing_table)
+        elif cfg.key_file is not None and cfg.selector is not None:
+            if cfg.domain is None:
+                raise ConfigError("single-key signing (KeyFile/Selector) needs Domain",
+                                  cfg.location("key_file"))  # fmt: skip
+            domains = _open(cfg.domain)
+            single = KeyEntry("(KeyFile)", "%", cfg.selector, cfg.key_file,
+                              cfg.location("key_file"))  # fmt: skip
+            loaded[single.name] = _load(single, cfg.require_safe_keys)
+        return cls(key_table=key_table, signing_table=signing_table, entries=entries,
+                   loaded=loaded, domains=domains, single=single, sub_domains=cfg.sub_domains,
+                   multiple=cfg.multiple_signatures, require_safe=cfg.require_safe_keys)
+
+    # -- questions ----------------------------------------------------------------------------
+
+    @property
+    def can_sign(self) -> bool:
+        """True when some sender could get a signature."""
+        return self._single is not None or (
+            self._signing_table is not None and bool(self._entries))
+
+    def entries(self) -> list[KeyEntry]:
+        """Every KeyTable entry (or the single key), in table order."""
+        if self._single is not None:
+            return [self._single]
+        return list(self._entries.values())
+
+    def dangling_names(self) -> list[tuple[str, Location]]:
+        """SigningTable key names that the KeyTable does not define (``%`` excepted)."""
+        if self._signing_table is None:
+            return []
+        out = []
+        for _key, value, where in self._signing_table.entries():
+            keyname, _identity = _split_signer(value)
+            if keyname != "%" and keyname.lower() not in self._entries:
+                out.append((keyname, where))
+        return out
+
+    def keys_for(self, address: str) -> list[SigningKey]:
+        """The keys that sign mail whose From address is ``address`` (first match, or all
+        with MultipleSignatures), in SigningTable order.
+
+        :raises KeyMaterialError: when a table names a key that cannot be used.
+        """
+        local, _, domain = address.rpartition("@")
+        domain = domain.lower().rstrip(".")
+        if not domain:
+            return []
+        if self._single is not None:
+            signer = self._single_domain(domain)
+            if signer is None:
+                return []
+            return [SigningKey(self._single.name, signer, self._single.selector,
+                               self._loaded[self._single.name])]  # fmt: skip
+        if self._signing_table is None:
+            return []
+        values = self._signing_values(local, domain)
+        out: list[SigningKey] = []
+        seen: set[str] = set()
+        for value in values:
+            keyname, identity = _split_signer(value)
+            keyname = domain if keyname == "%" else keyname
+            if keyname.lower() in seen:
+                continue
+            seen.add(keyname.lower())
+            entry = self._entries.get(keyname.lower())
+            if entry is None:
+                raise KeyMaterialError(f"SigningTable names key '{keyname}', which is not in "
+                                       "the KeyTable")  # fmt: skip
+            out.append(self._signing_key(entry, domain, identity))
+            if not self._multiple:
+                break
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _single_domain(self, domain: str) -> str | None:
+        assert self._domains is not None
+        if domain in self._domains:
+            return domain
+        if self._sub_domains:
+            labels = domain.split(".")
+            for i in range(1, len(labels)):
+                parent = ".".join(labels[i:])
+                if parent in self._domains:
+                    return parent
+        return None
+
+    def _signing_values(self, local: str, domain: str) -> list[str]:
+        st = self._signing_table
+        assert st is not None
+        address = f"{local}@{domain}" if local else domain
+        if isinstance(st, RegexDataset):
+            # refile: wildcard patterns against the address, in file order.
+            return st.get_all(address)
+        # OpenDKIM's order: user@host, host, user@.parent…, .parent…, user@*, *.
+        candidates = [address, domain]
+        parents = [m.start() for m in re.finditer(r"\.", domain)]
+        candidates += [f"{local}@{domain[p:]}" for p in parents]
+        candidates += [domain[p:] for p in parents]
+        candidates += [f"{local}@*", "*"]
+        found: list[str] = []
+        for c in candidates:
+            found.extend(st.get_all(c))
+            if found and not self._multiple:
+                break
+        return found
+
+    def _signing_key(self, entry: KeyEntry, domain: str, identity: str | None) -> SigningKey:
+        d = domain if entry.domain == "%" else entry.domain
+        key = self._loaded.get(entry.name.lower())
+        if key is None:
+            source = entry.key_source.replace("%", domain)
+            key = self._lazy.get(source)
+            if key is None:
+                key = _load_key(source, entry, self._require_safe)
+                self._lazy[source] = key
+        ident = identity.replace("%", domain) if identity else None
+        return SigningKey(entry.name, d, entry.selector, key, ident)
+
+
+def _split_signer(value: str) -> tuple[str, str | None]:
+    """A SigningTable value: ``keyname`` with an optional signer (i=) after a colon or space."""
+    parts = re.split(r"[:\s]+", value.strip(), maxsplit=1)
+    return parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+
+
+def _open(spec: DatasetSpec) -> Dataset:
+    return open_dataset(spec.spec, where=spec.where)
+
+
+def _load_key(source: str, entry: KeyEntry, require_safe: bool) -> PrivateKey:
+    """Load a key from a path or an inline value; errors name the KeyTable line."""
+    try:
+        if source.startswith(("/", "./", "../")):
+            return load_private_key(source, require_safe=require_safe)
+        return parse_private_key(source.encode(), source=f"KeyTable entry '{entry.name}'")
+    except KeyMaterialError as e:
+        raise ConfigError(str(e), entry.where) from e
+
+
+def _load(entry: KeyEntry, require_safe: bool) -> PrivateKey:
+    """Load the key a table entry names (no ``%`` in it)."""
+    return _load_key(entry.key_source, entry, require_safe)
+
+
+def load_key_entries(config_path: str) -> list[KeyEntry]:
+    """The KeyTable entries (or the single KeyFile key) of a configuration file, for testkey.
+
+    :raises ConfigError: when the configuration or its tables cannot be read.
+    """
+    cfg = load_config(config_path).config
+    if cfg.key_table is not None:
+        table = _open(cfg.key_table)
+        return [parse_key_entry(n, v, w) for n, v, w in table.entries()]
+    if cfg.key_file is not None and cfg.selector is not None and cfg.domain is not None:
+        domains = _open(cfg.domain)
+        return [KeyEntry("(KeyFile)", d, cfg.selector, cfg.key_file, cfg.location("key_file"))
+                for d, _v, _w in domains.entries()]  # fmt: skip
+    return []
