@@ -33,9 +33,9 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-# Print the directive table of docs/configuration.md (a test checks the two agree).
+# Regenerate the directive table of docs/configuration.md (a test checks the two agree).
 docs: venv
-	@$(VENV)/bin/python -m authmilter.config --markdown
+	$(VENV)/bin/python -m authmilter.config --update docs/configuration.md
 
 # Debian packages: installed only when one is missing, so a warm machine skips apt entirely.
 deps-run:

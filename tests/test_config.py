@@ -11,6 +11,7 @@ from authmilter.config import (
     DEFAULT_OMIT_HEADERS,
     DEFAULT_SIGN_HEADERS,
     DIRECTIVES,
+    TABLE_MARKER,
     Action,
     Canon,
     Config,
@@ -173,8 +174,9 @@ def test_header_list_from_a_file_dataset(tmp_path: Path) -> None:
 
 
 def test_ignore_hosts_bare_value_is_a_file_path_as_in_opendmarc() -> None:
-    cfg = Config.from_text("IgnoreHosts /etc/opendmarc/ignore.hosts\n")
-    assert cfg.ignore_hosts.spec == "file:/etc/opendmarc/ignore.hosts"
+    assert Config.from_text("IgnoreHosts ignore.hosts\n").ignore_hosts.spec == "file:ignore.hosts"
+    assert Config.from_text("IgnoreHosts /etc/ign\n").ignore_hosts.spec == "/etc/ign"
+    assert Config.from_text("IgnoreHosts csl:10.0.0.1\n").ignore_hosts.spec == "csl:10.0.0.1"
 
 
 # -- warnings -----------------------------------------------------------------------------------
@@ -403,7 +405,7 @@ def test_table_lists_every_directive_of_the_anchor_man_pages() -> None:
 
 def test_docs_configuration_md_lists_every_directive() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    assert directives_markdown() in doc, "run `make docs` and paste the table"
+    assert doc.endswith(TABLE_MARKER + "\n\n" + directives_markdown()), "run `make docs`"
 
 
 def test_effective_lines_show_value_and_origin(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""authmilter: DKIM, SPF and DMARC in one milter, compatible with OpenDKIM/OpenDMARC configuration."""
+"""authmilter: DKIM, SPF and DMARC in one milter, configured like OpenDKIM and OpenDMARC."""
 
 from __future__ import annotations
 

@@ -92,14 +92,15 @@ class KeyStore:
         key_table = signing_table = domains = None
         single = None
         if cfg.key_table is not None:
-            key_table = _open(cfg.key_table)
+            # OpenDKIM opens the KeyTable case-sensitively and the SigningTable ASCII-only.
+            key_table = _open(cfg.key_table, case_sensitive=True)
             for name, value, where in key_table.entries():
                 entry = parse_key_entry(name, value, where)
-                entries.setdefault(name.lower(), entry)
+                entries.setdefault(name, entry)
                 if "%" not in entry.key_source:
-                    loaded[name.lower()] = _load(entry, cfg.require_safe_keys)
+                    loaded[name] = _load(entry, cfg.require_safe_keys)
             if cfg.signing_table is not None:
-                signing_table = _open(cfg.signing_table)
+                signing_table = _open(cfg.signing_table, ascii_only=True)
         elif cfg.key_file is not None and cfg.selector is not None:
             if cfg.domain is None:
                 raise ConfigError("single-key signing (KeyFile/Selector) needs Domain",
@@ -133,7 +134,7 @@ class KeyStore:
         out = []
         for _key, value, where in self._signing_table.entries():
             keyname, _identity = _split_signer(value)
-            if keyname != "%" and keyname.lower() not in self._entries:
+            if keyname != "%" and keyname not in self._entries:
                 out.append((keyname, where))
         return out
 
@@ -161,10 +162,10 @@ class KeyStore:
         for value in values:
             keyname, identity = _split_signer(value)
             keyname = domain if keyname == "%" else keyname
-            if keyname.lower() in seen:
+            if keyname in seen:
                 continue
-            seen.add(keyname.lower())
-            entry = self._entries.get(keyname.lower())
+            seen.add(keyname)
+            entry = self._entries.get(keyname)
             if entry is None:
                 raise KeyMaterialError(f"SigningTable names key '{keyname}', which is not in "
                                        "the KeyTable")  # fmt: skip
@@ -209,7 +210,7 @@ class KeyStore:
 
     def _signing_key(self, entry: KeyEntry, domain: str, identity: str | None) -> SigningKey:
         d = domain if entry.domain == "%" else entry.domain
-        key = self._loaded.get(entry.name.lower())
+        key = self._loaded.get(entry.name)
         if key is None:
             source = entry.key_source.replace("%", domain)
             key = self._lazy.get(source)
@@ -226,8 +227,10 @@ def _split_signer(value: str) -> tuple[str, str | None]:
     return parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
 
 
-def _open(spec: DatasetSpec) -> Dataset:
-    return open_dataset(spec.spec, where=spec.where)
+def _open(spec: DatasetSpec, *, case_sensitive: bool = False, ascii_only: bool = False) -> Dataset:
+    """Open a dataset the configuration names; errors point at the config line."""
+    return open_dataset(spec.spec, where=spec.where, case_sensitive=case_sensitive,
+                        ascii_only=ascii_only)  # fmt: skip
 
 
 def _load_key(source: str, entry: KeyEntry, require_safe: bool) -> PrivateKey:
@@ -252,7 +255,7 @@ def load_key_entries(config_path: str) -> list[KeyEntry]:
     """
     cfg = load_config(config_path).config
     if cfg.key_table is not None:
-        table = _open(cfg.key_table)
+        table = _open(cfg.key_table, case_sensitive=True)
         return [parse_key_entry(n, v, w) for n, v, w in table.entries()]
     if cfg.key_file is not None and cfg.selector is not None and cfg.domain is not None:
         domains = _open(cfg.domain)
