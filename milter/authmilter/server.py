@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from functools import partial
+
 import Milter
 
 from authmilter.config import Config

@@ -1,0 +1,69 @@
+"""Shared fixtures: real DNS servers on loopback (NSD, a black hole) for resolver and key tests.
+
+The DNS fixtures never skip: without NSD they fail and say to run ``make test``, which
+installs the Debian packages the suite drives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import pytest
+
+from dnsserver import BlackholeDns, DnsServerError, NsdServer
+
+NsdFactory = Callable[[Mapping[str, str]], NsdServer]
+
+
+def _factory() -> tuple[NsdFactory, Callable[[], None]]:
+    started: list[NsdServer] = []
+
+    def start(zones: Mapping[str, str]) -> NsdServer:
+        server = NsdServer(zones)
+        started.append(server)
+        try:
+            return server.start()
+        except DnsServerError as exc:
+            problem = str(exc)
+        pytest.fail(f"cannot start NSD for the test: {problem}", pytrace=False)
+
+    def cleanup() -> None:
+        for server in started:
+            server.cleanup()
+
+    return start, cleanup
+
+
+@pytest.fixture()
+def nsd_server() -> Iterator[NsdFactory]:
+    """Start a private NSD for ``{origin: zone_text}``; stopped after the test.
+
+    Usage: ``server = nsd_server({"example.test": make_zone("example.test", records)})``,
+    then ``Resolver([server.nameserver])``.
+    """
+    start, cleanup = _factory()
+    yield start
+    cleanup()
+
+
+@pytest.fixture(scope="module")
+def nsd_server_module() -> Iterator[NsdFactory]:
+    """Like :func:`nsd_server`, but the servers live until the end of the test module."""
+    start, cleanup = _factory()
+    yield start
+    cleanup()
+
+
+@pytest.fixture()
+def blackhole_dns() -> Iterator[BlackholeDns]:
+    """A loopback nameserver (UDP and TCP) that never answers: lookups through it time out."""
+    server = BlackholeDns()
+    problem = ""
+    try:
+        server.start()
+    except DnsServerError as exc:
+        problem = str(exc)
+    if problem:
+        pytest.fail(f"cannot start the black-hole DNS server: {problem}", pytrace=False)
+    yield server
+    server.stop()
