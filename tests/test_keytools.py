@@ -430,3 +430,29 @@ def test_published_key_is_the_one_on_disk(published: Published) -> None:
     assert key.algorithm is KeyAlgorithm.RSA
     text = "".join(zone_strings((published.keydir / "good.txt").read_text()))
     assert key.matches(parse_key_record(text).public_key())
+
+
+def test_testkey_dash_c_checks_every_keytable_entry(published: Published, tmp_path: Path) -> None:
+    """`testkey -c CONF` tests each KeyTable entry against DNS and fails if any fails."""
+    table = tmp_path / "key.table"
+    table.write_text(
+        f"good._domainkey.{DOMAIN} {DOMAIN}:good:{published.key('good')}\n"
+        f"ed._domainkey.{DOMAIN} {DOMAIN}:ed:{published.key('ed')}\n"
+        f"wrong._domainkey.{DOMAIN} {DOMAIN}:good:{published.key('ed')}\n"
+        f"any %:good:{published.key('good')}\n"
+    )
+    (tmp_path / "signing.table").write_text(f"*@{DOMAIN} good._domainkey.{DOMAIN}\n")
+    conf = tmp_path / "authmilter.conf"
+    conf.write_text(
+        f"KeyTable file:{table}\nSigningTable refile:{tmp_path}/signing.table\n"
+        f"Nameservers {published.server.nameserver}\nDNSTimeout 2\n"
+    )
+    code, out, err = invoke("testkey", "-c", str(conf))
+    assert code == EXIT_DATAERR
+    assert f"key good._domainkey.{DOMAIN} OK" in out and f"key ed._domainkey.{DOMAIN} OK" in out
+    assert f"domain {DOMAIN}, selector good: mismatch" in err
+    assert "4 keys" not in err and "3 keys checked; 2 pass, 1 fail, 1 skipped" in err
+
+    table.write_text(f"good._domainkey.{DOMAIN} {DOMAIN}:good:{published.key('good')}\n")
+    code, out, err = invoke("testkey", "-c", str(conf))
+    assert (code, out) == (EXIT_OK, f"key good._domainkey.{DOMAIN} OK\n")

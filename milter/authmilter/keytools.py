@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import re
 import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import Protocol, TextIO, cast
+from typing import TextIO
 
 from authmilter.errors import ConfigError, KeyMaterialError
 from authmilter.keys import (
@@ -468,39 +467,15 @@ def run_testkey(ns: argparse.Namespace) -> int:
     return _report(result, verbose=ns.verbose, ok_line="key OK")
 
 
-class _KeyEntry(Protocol):
-    """What testkey needs of ``authmilter.keytable.KeyEntry``."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def domain(self) -> str: ...
-    @property
-    def selector(self) -> str: ...
-    @property
-    def key_source(self) -> str: ...
-
-
-class _ResolverSettings(Protocol):
-    """What testkey needs of ``authmilter.config.Config``."""
-
-    @property
-    def nameservers(self) -> tuple[str, ...]: ...
-    @property
-    def dns_timeout(self) -> int: ...
-
-
 def _run_testkey_config(ns: argparse.Namespace) -> int:
     """Test every KeyTable entry of ``ns.config``; exit with the first failure's code."""
+    from authmilter.config import load_config
+    from authmilter.keytable import load_key_entries
+
     err = sys.stderr
-    # Imported here: config and keytable are other modules' business and load lazily.
-    config_module = importlib.import_module("authmilter.config")
-    keytable_module = importlib.import_module("authmilter.keytable")
     try:
-        loaded = config_module.load_config(ns.config)
-        # load_config returns a Loaded(config, warnings); accept a bare Config as well.
-        config = cast(_ResolverSettings, getattr(loaded, "config", loaded))
-        entries = cast(list[_KeyEntry], keytable_module.load_key_entries(ns.config))
+        config = load_config(ns.config).config
+        entries = load_key_entries(ns.config)
     except ConfigError as exc:
         _say(err, "testkey", str(exc))
         return EXIT_CONFIG
