@@ -12,6 +12,9 @@ import pytest
 
 from dnsserver import BlackholeDns, DnsServerError, NsdServer
 
+# The real-Postfix harness: fixtures postfix_factory, postfix_factory_module, milter_socket_dir.
+pytest_plugins = ["postfix_fixture"]
+
 NsdFactory = Callable[[Mapping[str, str]], NsdServer]
 
 
