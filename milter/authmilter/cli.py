@@ -10,11 +10,14 @@ import dataclasses
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from authmilter import __version__
 from authmilter.config import Config, Loaded, effective_lines, load_config, load_split
 from authmilter.errors import AuthmilterError, ConfigError
+
+if TYPE_CHECKING:
+    from authmilter.pipeline import Context
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -86,33 +89,33 @@ def resolve_authserv_id(cfg: Config) -> Config:
     return cfg
 
 
-def check_usable(cfg: Config, err: TextIO) -> None:
-    """Open every dataset and load every key the configuration names.
+def build_context(cfg: Config, err: TextIO) -> Context:
+    """Open every dataset, load every key and make the resolver the configuration names.
 
     :raises ConfigError: on the first one that cannot be used.
     """
-    from authmilter.datasets import HostList, open_dataset
-    from authmilter.keytable import KeyStore
+    from authmilter.pipeline import Context
+    from authmilter.resolver import Resolver
 
-    for spec in (cfg.internal_hosts, cfg.external_ignore_list, cfg.peer_list, cfg.ignore_hosts):
-        if spec is not None:
-            HostList.from_dataset(open_dataset(spec.spec, where=spec.where))
-    for spec in (cfg.macro_list, cfg.mta):
-        if spec is not None:
-            open_dataset(spec.spec, where=spec.where)
-    store = KeyStore.from_config(cfg)
-    for name, where in store.dangling_names():
+    try:
+        # DNSTimeout 0 means "wait forever" to OpenDKIM; a milter must answer Postfix in time.
+        resolver = Resolver(cfg.nameservers or None, timeout=float(cfg.dns_timeout or 30))
+    except ValueError as e:
+        raise ConfigError(f"Nameservers: {e}", cfg.location("nameservers")) from None
+    ctx = Context.build(cfg, resolver=resolver)
+    for name, where in ctx.keys.dangling_names():
         print(f"authmilter: warning: {where}: SigningTable names key '{name}', "
               "which is not in the KeyTable", file=err)  # fmt: skip
-    if cfg.signing and not store.can_sign:
+    if cfg.signing and not ctx.keys.can_sign:
         print("authmilter: warning: Mode includes signing but no key is configured "
               "(KeyTable+SigningTable or Domain+KeyFile+Selector)", file=err)  # fmt: skip
+    return ctx
 
 
 def cmd_config_test(ns: argparse.Namespace) -> int:
     """``authmilter config-test``: exit 0 only when the configuration is usable."""
     loaded = load_from_args(ns, sys.stderr)
-    check_usable(loaded.config, sys.stderr)
+    build_context(loaded.config, sys.stderr)
     if ns.verbose:
         for line in effective_lines(loaded.config):
             print(line)
@@ -125,8 +128,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from authmilter.server import serve
 
     loaded = load_from_args(ns, sys.stderr)
-    check_usable(loaded.config, sys.stderr)
-    return serve(loaded.config)
+    ctx = build_context(loaded.config, sys.stderr)
+    return serve(loaded.config, ctx)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,46 +1,310 @@
-"""The pymilter adapter: the socket and the libmilter callbacks.
+"""The pymilter adapter: sockets, process set-up, and the libmilter callbacks.
 
-Foundation stage: the process validates its configuration, loads its keys, listens on the
-configured socket and answers the milter protocol, accepting every message unchanged. The
-per-message pipeline (signing, verifying, Authentication-Results) plugs in here next.
+Kept thin: each callback hands its event to :mod:`authmilter.pipeline` and applies the
+:class:`~authmilter.pipeline.Verdict` that comes back. An exception inside the milter never
+loses mail: it is logged with its traceback and answered with ``On-InternalError``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import grp
+import importlib
 import logging
+import logging.handlers
 import os
+import pwd
+import socket
+import traceback
+from collections.abc import Callable
 from functools import partial
+from typing import Any, TypeVar
 
 import Milter
 
-from authmilter.config import Config
+from authmilter.config import Action, Config
+from authmilter.errors import ConfigError
+from authmilter.pipeline import AddHeader, Connection, Context, DeleteHeader, Transaction, Verdict
 
 log = logging.getLogger("authmilter")
 
+F = TypeVar("F", bound=Callable[..., int])
 
-class PassThroughMilter(Milter.Base):  # type: ignore[misc]
-    """Answers every connection and accepts every message untouched."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+def guarded(func: F) -> F:
+    """Run a callback; on any exception log the traceback and answer ``On-InternalError``."""
 
-    def connect(self, hostname: str, family: int, hostaddr: object) -> int:
-        """Note the client; nothing to decide yet."""
+    @functools.wraps(func)
+    def wrapper(self: AuthMilter, *args: Any) -> int:
+        try:
+            return func(self, *args)
+        except Exception:  # noqa: BLE001 - the last-resort handler of the adapter
+            qid = self.macro("i") or "NOQUEUE"
+            log.error("%s: internal error in %s:\n%s", qid, func.__name__,
+                      traceback.format_exc().rstrip())  # fmt: skip
+            return self.internal_error()
+
+    return wrapper  # type: ignore[return-value]
+
+
+@Milter.header_leading_space
+class AuthMilter(Milter.Base):  # type: ignore[misc]
+    """One instance per SMTP connection (libmilter runs one thread per connection)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.conn: Connection | None = None
+        self.txn: Transaction | None = None
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def macro(self, name: str) -> str | None:
+        """A macro value by bare name (``i``, ``daemon_name``), or None."""
+        try:
+            value = self.getsymval(name if len(name) == 1 else "{" + name + "}")
+        except Exception:  # noqa: BLE001 - no context (test harness) or libmilter refusal
+            return None
+        return str(value) if value else None
+
+    def _macros(self) -> dict[str, str | None]:
+        return {name: self.macro(name) for name in self.ctx.macro_names()}
+
+    def internal_error(self) -> int:
+        """Answer with the configured ``On-InternalError`` action (default tempfail)."""
+        self._drop_transaction()
+        action = self.ctx.config.on_internal_error
+        if action is Action.TEMPFAIL:
+            self.setreply("451", "4.3.0", "authmilter: internal error, try again later")
+            return int(Milter.TEMPFAIL)
+        if action is Action.REJECT:
+            self.setreply("550", "5.3.0", "authmilter: internal error")
+            return int(Milter.REJECT)
+        if action is Action.DISCARD:
+            return int(Milter.DISCARD)
+        return int(Milter.ACCEPT)
+
+    def _drop_transaction(self) -> None:
+        if self.txn is not None:
+            self.txn.close()
+            self.txn = None
+
+    # -- callbacks --------------------------------------------------------------------------
+
+    @guarded
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        """A client connected to the MTA: classify it once."""
+        ip = None
+        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+            ip = str(hostaddr[0])
+        self.conn = Connection(self.ctx, hostname=hostname, ip=ip, macros={
+            k: v for k, v in self._macros().items() if v is not None})  # fmt: skip
+        if self.conn.peer:
+            log.debug("connection from %s [%s] is in PeerList: not processed", hostname, ip)
+            return int(Milter.ACCEPT)
         return int(Milter.CONTINUE)
 
+    @guarded
+    def hello(self, heloname: str) -> int:
+        """HELO/EHLO."""
+        if self.conn is not None:
+            self.conn.set_helo(heloname)
+        return int(Milter.CONTINUE)
+
+    @guarded
+    def envfrom(self, mailfrom: str, *esmtp: str) -> int:
+        """MAIL FROM: a new transaction (the previous one, if any, is over)."""
+        assert self.conn is not None
+        self._drop_transaction()
+        self.txn = self.conn.transaction()
+        self.txn.update_macros(self._macros())
+        self.txn.envfrom(mailfrom)
+        return int(Milter.CONTINUE)
+
+    @guarded
+    def envrcpt(self, to: str, *esmtp: str) -> int:
+        """RCPT TO."""
+        if self.txn is not None:
+            self.txn.rcpt(to)
+        return int(Milter.CONTINUE)
+
+    @Milter.decode("bytes")  # type: ignore[untyped-decorator]
+    @guarded
+    def header(self, name: str, value: bytes) -> int:
+        """One header field, raw bytes with leading space and folding (DKIM needs them)."""
+        if self.txn is not None:
+            self.txn.header(name, value)
+        return int(Milter.CONTINUE)
+
+    @guarded
+    def eoh(self) -> int:
+        """End of headers."""
+        if self.txn is not None:
+            self.txn.update_macros(self._macros())
+        return int(Milter.CONTINUE)
+
+    @guarded
+    def body(self, chunk: bytes) -> int:
+        """A body chunk."""
+        if self.txn is not None:
+            self.txn.body(chunk)
+        return int(Milter.CONTINUE)
+
+    @guarded
     def eom(self) -> int:
-        """Accept the message as it is."""
-        log.info("%s: accepted unchanged", self.getsymval("i") or "NOQUEUE")
+        """End of message: decide and apply."""
+        if self.txn is None:
+            return int(Milter.ACCEPT)
+        self.txn.update_macros(self._macros())
+        verdict = self.txn.eom()
+        self.txn = None
+        return self.apply(verdict)
+
+    def abort(self) -> int:
+        """The MTA gave up on this message: drop only the transaction."""
+        self._drop_transaction()
+        return int(Milter.CONTINUE)
+
+    def close(self) -> int:
+        """The connection is gone."""
+        self._drop_transaction()
+        self.conn = None
+        return int(Milter.CONTINUE)
+
+    # -- applying verdicts ------------------------------------------------------------------
+
+    def apply(self, verdict: Verdict) -> int:
+        """Carry out a verdict: header edits, quarantine, reply, and the log line."""
+        cfg = self.ctx.config
+        if verdict.action is not Action.ACCEPT or cfg.syslog_success:
+            log.info("%s", verdict.log)
+        for edit in verdict.edits:
+            if isinstance(edit, DeleteHeader):
+                self.chgheader(edit.name, edit.occurrence, None)
+            elif isinstance(edit, AddHeader):
+                # With SMFIP_HDR_LEADSPC negotiated the MTA adds no space after the colon: we
+                # do, so the field reads "Name: value" as it was signed.
+                lead = " " if self._protocol & Milter.P_HDR_LEADSPC else ""
+                self.addheader(edit.name, lead + edit.value, edit.index)
+        action = verdict.action
+        if action is Action.QUARANTINE:
+            self.quarantine(verdict.quarantine_reason or "authmilter")
+            return int(Milter.ACCEPT)
+        if action in (Action.REJECT, Action.TEMPFAIL):
+            if verdict.reply is not None:
+                self.setreply(verdict.reply.code, verdict.reply.xcode, verdict.reply.text)
+            return int(Milter.REJECT if action is Action.REJECT else Milter.TEMPFAIL)
+        if action is Action.DISCARD:
+            return int(Milter.DISCARD)
         return int(Milter.ACCEPT)
 
 
-def serve(cfg: Config) -> int:
-    """Listen on ``cfg.socket`` until stopped; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="authmilter[%(process)d]: %(message)s")
+# -- the process -----------------------------------------------------------------------------
+
+
+def setup_logging(cfg: Config) -> None:
+    """Syslog (with SyslogFacility/SyslogName) when ``Syslog`` is on, else standard error."""
+    root = logging.getLogger("authmilter")
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    handler: logging.Handler
+    if cfg.syslog:
+        facility = logging.handlers.SysLogHandler.facility_names.get(cfg.syslog_facility.lower())
+        if facility is None:
+            raise ConfigError(f"SyslogFacility: unknown facility '{cfg.syslog_facility}'",
+                              cfg.location("syslog_facility"))  # fmt: skip
+        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        handler = logging.handlers.SysLogHandler(address=address, facility=facility)
+        handler.setFormatter(logging.Formatter(f"{cfg.syslog_name}[%(process)d]: %(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("authmilter[%(process)d]: %(message)s"))
+    root.addHandler(handler)
+
+
+def drop_privileges(user_spec: str) -> None:
+    """Become ``user[:group]`` (UserID), with the user's supplementary groups.
+
+    :raises ConfigError: for an unknown user or group.
+    """
+    user, _, group = user_spec.partition(":")
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"UserID: unknown user '{user}'") from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"UserID: unknown group '{group}'") from None
+    if os.getuid() == pw.pw_uid:
+        return
+    os.initgroups(user, gid)
+    os.setgid(gid)
+    os.setuid(pw.pw_uid)
+
+
+def _socket_path(spec: str) -> str | None:
+    return spec.partition(":")[2] if spec.startswith("local:") else None
+
+
+def serve(cfg: Config, ctx: Context) -> int:
+    """Open the socket, drop privileges, and serve until SIGTERM/SIGINT; returns the exit code.
+
+    libmilter stops on SIGTERM, SIGINT or SIGHUP after the connections in flight are done; the
+    pid file and a UNIX socket are removed on the way out.
+    """
+    setup_logging(cfg)
     if cfg.umask is not None:
         os.umask(cfg.umask)
-    Milter.factory = partial(PassThroughMilter, cfg)
-    Milter.set_flags(0)
-    log.info("listening on %s", cfg.socket)
-    Milter.runmilter("authmilter", cfg.socket, timeout=600)
+    Milter.factory = partial(AuthMilter, ctx)
+    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
+    # The libmilter callbacks are registered by runmilter's set-up; we open the socket
+    # ourselves so privileges can be dropped after binding (and after the keys were read).
+    # pymilter's C module is named "milter", like our source folder: import it by name at run
+    # time (a regular module wins over a namespace folder on sys.path).
+    libmilter: Any = importlib.import_module("milter")
+    _register(libmilter)
+    libmilter.setconn(cfg.socket)
+    libmilter.settimeout(600)
+    libmilter.opensocket(True)  # True: remove a stale UNIX socket file first
+    pid_file = cfg.pid_file
+    if pid_file:
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    if cfg.user_id:
+        path = _socket_path(cfg.socket)
+        if path and os.path.exists(path):
+            user, _, group = cfg.user_id.partition(":")
+            os.chown(path, pwd.getpwnam(user).pw_uid,
+                     grp.getgrnam(group).gr_gid if group else -1)  # fmt: skip
+        drop_privileges(cfg.user_id)
+    log.info("listening on %s (authserv-id %s)", cfg.socket, ctx.authserv_id)
+    try:
+        libmilter.main()
+    finally:
+        log.info("stopped")
+        for path in (pid_file, _socket_path(cfg.socket)):
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
     return 0
+
+
+def _register(libmilter: Any) -> None:
+    """Wire libmilter's callbacks to the factory's objects, as ``Milter.runmilter`` does."""
+    libmilter.set_connect_callback(Milter.connect_callback)
+    libmilter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    libmilter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    libmilter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    libmilter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    libmilter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    libmilter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    libmilter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    libmilter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    libmilter.set_close_callback(Milter.close_callback)
+    libmilter.register("authmilter",
+                       data=lambda ctx: ctx.getpriv().data(),
+                       unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+                       negotiate=Milter.negotiate_callback)  # fmt: skip

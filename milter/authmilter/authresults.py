@@ -1,0 +1,127 @@
+"""Authentication-Results (RFC 8601): the one place that writes its text, and reads others'.
+
+We write one field per message with every method's result; we remove incoming fields that claim
+our authserv-id (or one listed in ``RemoveARFrom``), whatever methods they carry (RFC 8601 §5).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import authres
+from authres.core import AuthenticationResultProperty, QuotableValue
+
+from authmilter.results import DkimOutcome, DkimResult
+
+HEADER = "Authentication-Results"
+#: How much of b= identifies a signature in header.b (RFC 6008 §2: at least 8 characters).
+HEADER_B_LENGTH = 8
+
+
+def dkim_comment(outcome: DkimOutcome) -> str | None:
+    """OpenDKIM's comment shape: ``2048-bit key`` plus the reason of a non-pass."""
+    parts = []
+    if outcome.key_bits:
+        parts.append(f"{outcome.key_bits}-bit key")
+    if outcome.testing:
+        parts.append("test mode")
+    if outcome.result is not DkimResult.PASS and outcome.reason:
+        parts.append(outcome.reason)
+    return "; ".join(parts) if parts else None
+
+
+def _dkim_clause(outcome: DkimOutcome, *, header_b: bool) -> authres.DKIMAuthenticationResult:
+    clause = authres.DKIMAuthenticationResult(
+        result=outcome.result.value,
+        result_comment=_comment_safe(dkim_comment(outcome)),
+        header_d=outcome.domain,
+        header_i=outcome.identity,
+        header_a=outcome.algorithm,
+        header_s=outcome.selector,
+    )
+    if header_b and outcome.b:
+        clause.properties.append(
+            AuthenticationResultProperty("header", "b", outcome.b[:HEADER_B_LENGTH]))
+    return clause
+
+
+def _comment_safe(text: str | None) -> str | None:
+    """A comment must not unbalance the field, and stays ASCII: parentheses, backslashes and
+    line breaks are dropped, "§" is spelled out, anything else non-ASCII becomes "?"."""
+    if text is None:
+        return None
+    text = re.sub(r"[()\\\r\n]", "", text).replace("§", "section ")
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def build(authserv_id: str, *, dkim: Sequence[DkimOutcome] = (), header_b: bool = True) -> str:
+    """The value of our Authentication-Results field (without the field name).
+
+    ``header_b=False`` implements OpenDKIM's ``NoHeaderB``.
+    """
+    results = [str(_dkim_clause(o, header_b=header_b)) for o in dkim]
+    # authres would lower-case the authserv-id and not quote it; keep it as given, quoted when
+    # it is not a token (AuthservIDWithJobID adds "/queue-id").
+    aid = QuotableValue(authserv_id).quote_if_needed()
+    return f"{aid}; {'; '.join(results)}" if results else f"{aid}; none"
+
+
+# -- reading incoming fields --------------------------------------------------------------------
+
+
+def _lenient_authserv_id(value: str) -> str:
+    """The authserv-id as a forgiving reader would take it: before ``;``, comments dropped.
+
+    An unbalanced ``(`` comments out the rest, as a comment-aware reader would see it.
+    """
+    head = value.split(";", 1)[0]
+    out, depth = [], 0
+    for ch in head:
+        if ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(ch)
+    tokens = "".join(out).split()
+    return tokens[0].lower() if tokens else ""
+
+
+def authserv_id_of(value: str) -> str | None:
+    """The authserv-id of an Authentication-Results value, or None if it does not parse."""
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse_value(value)
+    except Exception:  # noqa: BLE001 - authres raises its own and builtin errors on junk
+        return None
+    aid = parsed.authserv_id
+    return str(aid).lower() if aid else None
+
+
+def _matches(authserv_id: str, ours: Iterable[str]) -> bool:
+    for name in ours:
+        name = name.lower()
+        if name.startswith("."):
+            if authserv_id.endswith(name):
+                return True
+        elif authserv_id == name:
+            return True
+    return False
+
+
+def claims(value: str, ours: Sequence[str]) -> bool:
+    """Whether an incoming Authentication-Results value claims one of ``ours`` as its
+    authserv-id (RFC 8601 §5: such a field from outside is a forgery and must go).
+
+    ``ours`` holds our authserv-id and the ``RemoveARFrom`` entries (``host`` or ``.domain``).
+    A value that does not parse is judged by a lenient reading, and is also removed when its
+    authserv-id part merely mentions one of our names: a field nobody can parse reliably
+    that names us is never left for a downstream reader to misread.
+    """
+    parsed = authserv_id_of(value)
+    if parsed is not None:
+        return _matches(parsed, ours)
+    if _matches(_lenient_authserv_id(value), ours):
+        return True
+    head = value.split(";", 1)[0].lower()
+    return any(name.lower().lstrip(".") in head for name in ours if name.strip("."))

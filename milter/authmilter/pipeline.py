@@ -1,0 +1,490 @@
+"""The per-message pipeline: ``Connection`` (client) and ``Transaction`` (one message).
+
+No pymilter here: the adapter (:mod:`authmilter.server`) feeds events in and applies the
+:class:`Verdict` that comes out. Everything is decided in plain Python that tests drive directly.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import IO
+
+from authmilter import authresults
+from authmilter.config import Action, Config, SignatureAlgorithm
+from authmilter.datasets import Dataset, HostList, open_dataset
+from authmilter.dkim_sign import SigningPolicy, sign
+from authmilter.dkim_verify import TxtLookup, verify_message
+from authmilter.errors import AuthmilterError
+from authmilter.keys import KeyAlgorithm
+from authmilter.keytable import KeyStore, SigningKey
+from authmilter.results import DkimOutcome, DkimProblem, DkimResult
+
+#: Macros every transaction wants from the MTA (names without braces).
+BASE_MACROS = ("i", "j", "daemon_name", "auth_type", "auth_authen")
+#: Bodies larger than this are spooled to disk while they stream in.
+SPOOL_THRESHOLD = 1 << 20
+
+
+# -- actions the adapter applies ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AddHeader:
+    """Insert a header field; ``index`` 0 = at the very top (RFC 8601 §5, RFC 6376 §5.6)."""
+
+    name: str
+    value: str
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteHeader:
+    """Delete the ``occurrence``-th (1-based) field of that name, as ``smfi_chgheader``."""
+
+    name: str
+    occurrence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply for a reject or tempfail."""
+
+    code: str
+    xcode: str
+    text: str
+
+
+class Direction(StrEnum):
+    """What the pipeline did with a message."""
+
+    SIGN = "sign"
+    VERIFY = "verify"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    """What to do with the message: the action, its reply, header edits, the log line."""
+
+    action: Action
+    reply: Reply | None = None
+    edits: tuple[AddHeader | DeleteHeader, ...] = ()
+    quarantine_reason: str | None = None
+    log: str = ""
+
+
+# -- the shared, read-only context ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MacroRule:
+    """One MacroList entry: the macro must be set, and equal one of ``values`` if any."""
+
+    name: str
+    values: tuple[str, ...] = ()
+
+    def matches(self, macros: Mapping[str, str]) -> bool:
+        """OpenDKIM's rule: value match is case-sensitive; no values = any non-empty value."""
+        value = macros.get(self.name)
+        if not value:
+            return False
+        return not self.values or value in self.values
+
+
+def _macro_name(name: str) -> str:
+    return name.strip().strip("{}")
+
+
+def parse_macro_list(ds: Dataset) -> tuple[MacroRule, ...]:
+    """MacroList entries ``name`` or ``name=value1|value2`` (csl) / ``name value1|value2``."""
+    rules = []
+    for key, value, _where in ds.entries():
+        if "=" in key and not value:
+            key, _, value = key.partition("=")
+        values = tuple(v.strip() for v in value.split("|") if v.strip())
+        rules.append(MacroRule(_macro_name(key), values))
+    return tuple(rules)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Context:
+    """Everything shared by all messages: configuration, keys, resolver, host lists."""
+
+    config: Config
+    keys: KeyStore
+    resolver: TxtLookup
+    authserv_id: str
+    internal_hosts: HostList
+    peer_list: HostList | None = None
+    external_ignore: HostList | None = None
+    macro_rules: tuple[MacroRule, ...] = ()
+    mta_names: Dataset | None = None
+    signing_policy: SigningPolicy = field(default_factory=SigningPolicy)
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def build(cls, cfg: Config, *, resolver: TxtLookup, keys: KeyStore | None = None,
+              clock: Callable[[], float] = time.time) -> Context:  # fmt: skip
+        """Open the datasets and key tables a configuration names.
+
+        :raises ConfigError: for an unusable dataset or key.
+        """
+
+        def hosts(spec: object) -> HostList | None:
+            if spec is None:
+                return None
+            from authmilter.config import DatasetSpec
+
+            assert isinstance(spec, DatasetSpec)
+            return HostList.from_dataset(open_dataset(spec.spec, where=spec.where))
+
+        internal = hosts(cfg.internal_hosts)
+        assert internal is not None
+        macro_rules: tuple[MacroRule, ...] = ()
+        if cfg.macro_list is not None:
+            macro_rules = parse_macro_list(
+                open_dataset(cfg.macro_list.spec, where=cfg.macro_list.where,
+                             case_sensitive=True))  # fmt: skip
+        mta = None
+        if cfg.mta is not None:
+            mta = open_dataset(cfg.mta.spec, where=cfg.mta.where, case_sensitive=True)
+        assert cfg.authserv_id is not None, "resolve AuthservID (HOSTNAME) before building"
+        return cls(
+            config=cfg,
+            keys=keys if keys is not None else KeyStore.from_config(cfg),
+            resolver=resolver,
+            authserv_id=cfg.authserv_id,
+            internal_hosts=internal,
+            peer_list=hosts(cfg.peer_list),
+            external_ignore=hosts(cfg.external_ignore_list),
+            macro_rules=macro_rules,
+            mta_names=mta,
+            signing_policy=SigningPolicy(
+                canonicalization=cfg.canonicalization,
+                sign_headers=cfg.sign_headers,
+                omit_headers=cfg.omit_headers,
+                oversign_headers=cfg.oversign_headers,
+                rsa_algorithm=cfg.signature_algorithm,
+                ttl=cfg.signature_ttl,
+            ),
+            clock=clock,
+        )
+
+    def macro_names(self) -> tuple[str, ...]:
+        """Every macro the pipeline may consult (for the adapter to fetch)."""
+        names = list(BASE_MACROS) + [r.name for r in self.macro_rules]
+        return tuple(dict.fromkeys(names))
+
+    def removable_ids(self) -> tuple[str, ...]:
+        """Our authserv-id plus RemoveARFrom: incoming A-R claiming these are removed."""
+        return (self.authserv_id, *self.config.remove_ar_from)
+
+
+# -- connection and transaction ---------------------------------------------------------------
+
+
+class Connection:
+    """One SMTP client connection: who it is, decided once."""
+
+    def __init__(self, ctx: Context, *, hostname: str | None, ip: str | None,
+                 macros: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        self.ctx = ctx
+        self.hostname = hostname if hostname and not hostname.startswith("[") else None
+        self.ip = ip
+        self.helo: str | None = None
+        self.macros: dict[str, str] = dict(macros or {})
+        # PeerList: connections passed through without any processing.
+        self.peer = ctx.peer_list is not None and ctx.peer_list.matches(ip, self.hostname)
+        self.internal = ctx.internal_hosts.matches(ip, self.hostname)
+
+    def set_helo(self, name: str) -> None:
+        """Remember the HELO/EHLO name (SPF's HELO identity, later)."""
+        self.helo = name
+
+    def transaction(self) -> Transaction:
+        """Start a new message on this connection."""
+        return Transaction(self)
+
+
+class Transaction:
+    """One message: MAIL FROM … end of message. ``abort`` simply drops the object."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.ctx = conn.ctx
+        self.macros: dict[str, str] = dict(conn.macros)
+        self.mail_from: str | None = None
+        self.recipients: list[str] = []
+        self.headers: list[tuple[str, bytes]] = []
+        self.header_bytes = 0
+        # Closed by close() (eom or abort); a context manager cannot span the callbacks.
+        self._body: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=SPOOL_THRESHOLD, dir=self.ctx.config.temporary_directory)
+
+    # -- events --------------------------------------------------------------------------------
+
+    def update_macros(self, macros: Mapping[str, str | None]) -> None:
+        """Record macro values the MTA sent at some stage (``None`` = not sent)."""
+        self.macros.update({k: v for k, v in macros.items() if v is not None})
+
+    def envfrom(self, address: str) -> None:
+        """MAIL FROM."""
+        self.mail_from = address.strip("<>")
+
+    def rcpt(self, address: str) -> None:
+        """RCPT TO."""
+        self.recipients.append(address.strip("<>"))
+
+    def header(self, name: str, value: bytes) -> None:
+        """One header field, ``value`` as the MTA sent it (leading space, LF folding)."""
+        self.headers.append((name, value))
+        self.header_bytes += len(name) + len(value) + 3
+
+    def body(self, chunk: bytes) -> None:
+        """A piece of the body (CRLF line ends, as the milter protocol carries it)."""
+        self._body.write(chunk)
+
+    def close(self) -> None:
+        """Release the body spool."""
+        self._body.close()
+
+    # -- the decision --------------------------------------------------------------------------
+
+    def eom(self) -> Verdict:
+        """Decide: sign or verify, headers to add and remove, the action."""
+        try:
+            return self._eom()
+        finally:
+            self.close()
+
+    def _eom(self) -> Verdict:
+        cfg = self.ctx.config
+        qid = self.macros.get("i") or "NOQUEUE"
+        edits: list[AddHeader | DeleteHeader] = list(self._forged_ar_removals())
+        limit = cfg.maximum_headers
+        if limit and self.header_bytes > limit:
+            return Verdict(action=Action.REJECT, edits=(),
+                           reply=Reply("552", "5.3.4", f"header block exceeds {limit} bytes"),
+                           log=f"{qid}: header block of {self.header_bytes} bytes exceeds "
+                               f"MaximumHeaders {limit}, action=reject")  # fmt: skip
+
+        keys: list[SigningKey] = []
+        author = self.author_address()
+        originating = self.originating()
+        if cfg.signing and originating and author is not None:
+            try:
+                keys = self.ctx.keys.keys_for(author)
+            except AuthmilterError as e:
+                return self._sign_error(qid, edits, str(e))
+        if keys:
+            return self._sign(qid, edits, keys)
+        if cfg.verifying:
+            return self._verify(qid, edits, originating, author)
+        return Verdict(action=Action.ACCEPT, edits=tuple(edits),
+                       log=f"{qid}: not signed (no key for the author), not verified (Mode "
+                           f"{cfg.mode}), action=accept")  # fmt: skip
+
+    def originating(self) -> bool:
+        """OpenDKIM's signing criteria (opendkim(8), OPERATION): SMTP AUTH, InternalHosts,
+        an MTA daemon name, or a MacroList match."""
+        if self.macros.get("auth_type") or self.macros.get("auth_authen"):
+            return True
+        if self.conn.internal:
+            return True
+        daemon = self.macros.get("daemon_name")
+        if daemon and self.ctx.mta_names is not None and daemon in self.ctx.mta_names:
+            return True
+        return any(rule.matches(self.macros) for rule in self.ctx.macro_rules)
+
+    def author_address(self) -> str | None:
+        """The address in the first From field (the signer is chosen by it, as OpenDKIM)."""
+        for name, value in self.headers:
+            if name.lower() == "from":
+                text = _unfold(value)
+                pairs = email.utils.getaddresses([text])
+                for _display, addr in pairs:
+                    if "@" in addr:
+                        return addr
+                return None
+        return None
+
+    # -- signing ------------------------------------------------------------------------------
+
+    def _sign(self, qid: str, edits: list[AddHeader | DeleteHeader],
+              keys: Iterable[SigningKey]) -> Verdict:  # fmt: skip
+        wire = self.wire_headers()
+        body = self._read_body()
+        now = int(self.ctx.clock())
+        added: list[AddHeader] = []
+        described = []
+        for key in keys:
+            try:
+                value = sign(wire, body, key, self.ctx.signing_policy, now=now)
+            except Exception as e:  # noqa: BLE001 - a key/library failure must not lose mail
+                return self._sign_error(qid, edits, f"signing with {key.keyname} failed: {e}")
+            added.append(AddHeader("DKIM-Signature", _milter_folding(value)))
+            described.append(f"d={key.domain} s={key.selector} a={self._algorithm(key)}")
+        # Each insert goes to the top; insert in reverse so the first key's signature is on top.
+        edits.extend(reversed(added))
+        return Verdict(action=Action.ACCEPT, edits=tuple(edits),
+                       log=f"{qid}: signed {', '.join(described)}, action=accept")  # fmt: skip
+
+    def _algorithm(self, key: SigningKey) -> str:
+        if key.key.algorithm is KeyAlgorithm.ED25519:
+            return SignatureAlgorithm.ED25519_SHA256.value
+        return self.ctx.signing_policy.rsa_algorithm.value
+
+    def _sign_error(self, qid: str, edits: list[AddHeader | DeleteHeader],
+                    why: str) -> Verdict:  # fmt: skip
+        action = self.ctx.config.on_signature_error
+        return _verdict(action, edits, f"{qid}: signing error: {why}",
+                        reply=Reply("451", "4.7.0", "signing failed; try again later")
+                        if action is Action.TEMPFAIL else
+                        Reply("550", "5.7.0", "message could not be signed"))  # fmt: skip
+
+    # -- verifying ----------------------------------------------------------------------------
+
+    def _verify(self, qid: str, edits: list[AddHeader | DeleteHeader], originating: bool,
+                author: str | None) -> Verdict:  # fmt: skip
+        cfg = self.ctx.config
+        note = ""
+        if (not originating and author is not None and self.ctx.keys.can_sign
+                and _signs_for(self.ctx.keys, author)):  # fmt: skip
+            ignored = self.ctx.external_ignore is not None and self.ctx.external_ignore.matches(
+                self.conn.ip, self.conn.hostname)
+            if not ignored:
+                note = (f" (external host {self.conn.hostname or self.conn.ip} tried to send as "
+                        f"{author.rpartition('@')[2]})")  # fmt: skip
+        message = self.wire_message()
+        outcomes = verify_message(
+            message, self.ctx.resolver,
+            max_signatures=cfg.maximum_signatures_to_verify,
+            minimum_key_bits=cfg.minimum_key_bits,
+            clock_drift=cfg.clock_drift,
+            now=self.ctx.clock(),
+        )  # fmt: skip
+        signed = any(o.result is not DkimResult.NONE for o in outcomes)
+        action, why, problem = choose_action(cfg, outcomes)
+        if signed or cfg.always_add_ar_header:
+            aid = self.ctx.authserv_id
+            if cfg.authserv_id_with_job_id and self.macros.get("i"):
+                aid = f"{aid}/{self.macros['i']}"
+            value = authresults.build(aid, dkim=outcomes, header_b=not cfg.no_header_b)
+            edits.append(AddHeader(authresults.HEADER, value))
+        results = "; ".join(_describe(o) for o in outcomes)
+        log = f"{qid}: {results}{note}, action={action.value}" + (f" ({why})" if why else "")
+        reply = None
+        if action is Action.REJECT:
+            reply = Reply("550", "5.7.1", f"DKIM verification failed: {why}")
+        elif action is Action.TEMPFAIL:
+            # RFC 3463: X.4.3 directory server (DNS) failure; X.7.0 other security reasons.
+            xcode = "4.4.3" if problem is DkimProblem.DNS_ERROR else "4.7.0"
+            reply = Reply("451", xcode, f"DKIM verification could not be completed: {why}")
+        return _verdict(action, edits, log, reply=reply, quarantine=why)
+
+    # -- message text -------------------------------------------------------------------------
+
+    def wire_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers as on the wire: ``(name, value)``, value with CRLF folding and final CRLF."""
+        out = []
+        for name, value in self.headers:
+            v = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            if v[:1] not in (b" ", b"\t") and v:
+                v = b" " + v  # the MTA dropped the space after the colon (no HDR_LEADSPC)
+            out.append((name.encode("ascii", "surrogateescape"), v + b"\r\n"))
+        return out
+
+    def _read_body(self) -> bytes:
+        self._body.seek(0)
+        return self._body.read()
+
+    def wire_message(self) -> bytes:
+        """The whole message as the MTA has it: headers, blank line, body."""
+        head = b"".join(n + b":" + v for n, v in self.wire_headers())
+        return head + b"\r\n" + self._read_body()
+
+    def _forged_ar_removals(self) -> Iterable[DeleteHeader]:
+        """RFC 8601 §5: every incoming A-R claiming our authserv-id goes, bottom-up."""
+        ours = self.ctx.removable_ids()
+        found = []
+        n = 0
+        for name, value in self.headers:
+            if name.lower() != authresults.HEADER.lower():
+                continue
+            n += 1
+            if authresults.claims(_unfold(value), ours):
+                found.append(DeleteHeader(authresults.HEADER, n))
+        return reversed(found)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def choose_action(cfg: Config, outcomes: Iterable[DkimOutcome]
+                  ) -> tuple[Action, str, DkimProblem | None]:  # fmt: skip
+    """OpenDKIM's On-* choice: any pass accepts; otherwise DNS errors (which a retry may
+    cure) come before bad signatures, which come before missing keys.
+
+    :returns: the action, why (for the log and the SMTP reply), and the problem class.
+    """
+    outs = list(outcomes)
+    if any(o.passed for o in outs):
+        return Action.ACCEPT, "", None
+    if all(o.result is DkimResult.NONE for o in outs):
+        return cfg.on_no_signature, "no signature", None
+    for problem, action in ((DkimProblem.DNS_ERROR, cfg.on_dns_error),
+                            (DkimProblem.BAD_SIGNATURE, cfg.on_bad_signature),
+                            (DkimProblem.KEY_NOT_FOUND, cfg.on_key_not_found)):  # fmt: skip
+        hits = [o for o in outs if o.problem is problem]
+        if not hits:
+            continue
+        if problem is DkimProblem.BAD_SIGNATURE and all(o.testing for o in hits):
+            # A key in testing mode (t=y) never makes the message suffer (RFC 6376 §3.6.1).
+            return Action.ACCEPT, "", problem
+        o = hits[0]
+        return action, f"{o.result.value} for d={o.domain}: {o.reason or problem.value}", problem
+    return Action.ACCEPT, "", None
+
+
+def _verdict(action: Action, edits: list[AddHeader | DeleteHeader], log: str, *,
+             reply: Reply | None = None, quarantine: str | None = None) -> Verdict:  # fmt: skip
+    if action is Action.QUARANTINE:
+        return Verdict(action=action, edits=tuple(edits), log=log,
+                       quarantine_reason=f"authmilter: {quarantine or 'DKIM'}")  # fmt: skip
+    if action in (Action.REJECT, Action.TEMPFAIL):
+        return Verdict(action=action, reply=reply, log=log)
+    return Verdict(action=action, edits=tuple(edits), log=log)
+
+
+def _signs_for(keys: KeyStore, author: str) -> bool:
+    try:
+        return bool(keys.keys_for(author))
+    except AuthmilterError:
+        return False
+
+
+def _describe(o: DkimOutcome) -> str:
+    if o.result is DkimResult.NONE:
+        return "dkim=none"
+    return f"dkim={o.result.value} d={o.domain} s={o.selector}" + (
+        f" ({o.reason})" if o.reason and not o.passed else "")
+
+
+_FOLD = re.compile(r"\r?\n")
+
+
+def _unfold(value: bytes) -> str:
+    """A header value as one line of text (folding removed), for parsing."""
+    text = value.decode("utf-8", "surrogateescape")
+    return _FOLD.sub("", text).strip()
+
+
+def _milter_folding(value: bytes) -> str:
+    """Header text for the milter protocol: LF line breaks (the MTA writes CRLF)."""
+    return value.decode("ascii", "surrogateescape").replace("\r\n", "\n")

@@ -1,0 +1,74 @@
+"""The shared vocabulary of results: enums whose values are RFC 8601 tokens, frozen outcomes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class DkimResult(StrEnum):
+    """RFC 8601 §2.7.1 DKIM result tokens."""
+
+    NONE = "none"
+    PASS = "pass"
+    FAIL = "fail"
+    POLICY = "policy"
+    NEUTRAL = "neutral"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+
+
+class DkimProblem(StrEnum):
+    """Why a signature did not pass, in the classes OpenDKIM's ``On-*`` actions are chosen by."""
+
+    BAD_SIGNATURE = "bad-signature"  # On-BadSignature: fail, policy, or a malformed signature
+    KEY_NOT_FOUND = "key-not-found"  # On-KeyNotFound: no key record at the selector
+    DNS_ERROR = "dns-error"  # On-DNSError: the key lookup failed transiently
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DkimOutcome:
+    """The verdict on one DKIM-Signature (or on its absence, with ``result=NONE``).
+
+    ``b`` is the signature's full ``b=`` value without white space; Authentication-Results
+    shows a prefix of it (RFC 6008). ``reason`` is a short human text for the header comment
+    and the log.
+    """
+
+    result: DkimResult
+    domain: str | None = None
+    selector: str | None = None
+    identity: str | None = None
+    algorithm: str | None = None
+    b: str | None = None
+    key_bits: int | None = None
+    testing: bool = False
+    reason: str | None = None
+    problem: DkimProblem | None = None
+
+    @property
+    def passed(self) -> bool:
+        """True for ``dkim=pass``."""
+        return self.result is DkimResult.PASS
+
+
+class SpfResult(StrEnum):
+    """RFC 7208 §2.6 / RFC 8601 SPF result tokens."""
+
+    NONE = "none"
+    NEUTRAL = "neutral"
+    PASS = "pass"
+    FAIL = "fail"
+    SOFTFAIL = "softfail"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+
+
+class DmarcResult(StrEnum):
+    """RFC 7489 §11.2 DMARC result tokens."""
+
+    NONE = "none"
+    PASS = "pass"
+    FAIL = "fail"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"

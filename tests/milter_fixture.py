@@ -1,0 +1,95 @@
+"""Run the real ``authmilter run`` as a subprocess for end-to-end tests."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from postfix_fixture import new_socket_dir, wait_for_socket
+
+
+class AuthmilterProcess:
+    """``python -m authmilter run -c CONF`` on a UNIX socket Postfix can reach.
+
+    ``conf`` is the configuration text without ``Socket``; the socket line is added here.
+    """
+
+    def __init__(self, conf: str, *, name: str = "authmilter") -> None:
+        self.dir = new_socket_dir(f"{name}-")
+        self.socket_path = self.dir / "milter.sock"
+        self.conf_path = self.dir / "authmilter.conf"
+        self.conf_path.write_text(f"Socket local:{self.socket_path}\nUMask 000\n{conf}")
+        self.log_path = self.dir / "authmilter.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def postfix_socket(self) -> str:
+        """The socket in Postfix's notation, for ``smtpd_milters``."""
+        return f"unix:{self.socket_path}"
+
+    def start(self) -> AuthmilterProcess:
+        """Start and wait until the socket accepts connections."""
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "authmilter", "run", "-c", str(self.conf_path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+        proc = self.proc
+        try:
+            wait_for_socket(self.postfix_socket, timeout=20,
+                            alive=lambda: proc.poll() is None)  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise AssertionError(f"authmilter did not start:\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        """Everything the milter wrote so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+        """Wait until ``needle`` appears in the log; returns the log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if needle in text:
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in the authmilter log:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the milter vanishes without cleaning up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        """Stop and remove the directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_keytable(directory: Path, entries: dict[str, tuple[str, str, Path]],
+                   signing: list[tuple[str, str]]) -> str:  # fmt: skip
+    """Write key.table / signing.table; returns the config lines naming them."""
+    kt = directory / "key.table"
+    kt.write_text("".join(f"{name} {d}:{s}:{path}\n" for name, (d, s, path) in entries.items()))
+    st = directory / "signing.table"
+    st.write_text("".join(f"{pattern} {name}\n" for pattern, name in signing))
+    return f"KeyTable file:{kt}\nSigningTable refile:{st}\n"
