@@ -96,7 +96,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         """A client connected to the MTA: classify it once."""
         ip = None
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
-            ip = str(hostaddr[0])
+            # libmilter gives (address, port[, flow, scope]); test harnesses a bare string.
+            ip = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
         self.conn = Connection(self.ctx, hostname=hostname, ip=ip, macros={
             k: v for k, v in self._macros().items() if v is not None})  # fmt: skip
         if self.conn.peer:

@@ -1,0 +1,147 @@
+"""The pymilter adapter and the process: internal errors, signals, sockets, privileges."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import time
+from functools import partial
+from io import BytesIO
+from pathlib import Path
+
+import Milter
+import pytest
+from Milter.testctx import TestCtx
+
+from authmilter.config import Config
+from authmilter.keytable import KeyStore
+from authmilter.pipeline import Context
+from authmilter.server import AuthMilter
+from dnsserver import make_zone
+from fakedns import ZoneResolver
+from postfix_fixture import new_socket_dir
+
+MESSAGE = (b"From: alice@example.com\nTo: bob@example.org\nSubject: hi\n"
+           b"Date: Mon, 23 Nov 2026 03:00:00 +0000\n\nbody\n")  # fmt: skip
+
+
+class ExplodingKeyStore(KeyStore):
+    """A key store whose lookup fails in a way nothing in the pipeline expects."""
+
+    def keys_for(self, address: str) -> list:  # type: ignore[override, type-arg]
+        raise RuntimeError("boom: simulated bug")
+
+
+def run_adapter(conf: str, *, explode: bool = False) -> TestCtx:
+    cfg = Config.from_text(f"AuthservID mx.server.test\n{conf}")
+    keys = ExplodingKeyStore.from_config(cfg) if explode else KeyStore.from_config(cfg)
+    resolver = ZoneResolver(make_zone("example.org"), "example.org")
+    ctx = Context.build(cfg, resolver=resolver, keys=keys)
+    Milter.factory = partial(AuthMilter, ctx)
+    test = TestCtx()
+    assert test._connect(host="client.example", ip="10.0.0.1") == Milter.CONTINUE
+    test._feedFile(BytesIO(MESSAGE), "alice@example.com", "bob@example.org")
+    return test
+
+
+def test_unexpected_exception_answers_on_internal_error_tempfail(
+        capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import logging
+
+    logging.getLogger("authmilter").addHandler(logging.StreamHandler())
+    test = run_adapter("InternalHosts 10.0.0.0/8\n", explode=True)
+    assert test._reply == ("451", "4.3.0", "authmilter: internal error, try again later")
+    err = capfd.readouterr().err
+    assert "internal error in eom" in err and "RuntimeError: boom: simulated bug" in err
+
+
+def test_on_internal_error_accept_lets_the_message_through() -> None:
+    test = run_adapter("InternalHosts 10.0.0.0/8\nOn-InternalError accept\n", explode=True)
+    assert test._reply is None
+
+
+def test_adapter_adds_authentication_results_through_the_milter_api() -> None:
+    test = run_adapter("AlwaysAddARHeader yes\nInternalHosts 127.0.0.1\n")
+    assert test._headerschanged
+    assert str(test._msg["Authentication-Results"]).strip() == (
+        "mx.server.test; dkim=none (no signature)")
+
+
+# -- the process ----------------------------------------------------------------------------
+
+
+def start(conf_text: str, directory: Path) -> subprocess.Popen[bytes]:
+    conf = directory / "a.conf"
+    conf.write_text(conf_text)
+    log = (directory / "log").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "authmilter", "run", "-c", str(conf)],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def wait_for(predicate, what: str, proc: subprocess.Popen[bytes], directory: Path,
+             timeout: float = 20) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, (directory / "log").read_text()
+        assert time.monotonic() < deadline, f"{what}: {(directory / 'log').read_text()}"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_cleanly_removing_socket_and_pid_file() -> None:
+    d = new_socket_dir("server-")
+    sock, pid = d / "m.sock", d / "m.pid"
+    proc = start(f"Socket local:{sock}\nPidFile {pid}\n", d)
+    try:
+        wait_for(lambda: sock.exists() and pid.exists(), "socket and pid file", proc, d)
+        assert int(pid.read_text()) == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert not sock.exists() and not pid.exists()
+    finally:
+        proc.kill()
+
+
+def test_stale_socket_file_is_replaced() -> None:
+    d = new_socket_dir("server-")
+    sock = d / "m.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()  # the file stays behind, as after a crash
+    proc = start(f"Socket local:{sock}\n", d)
+    try:
+        def accepting() -> bool:
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(sock))
+                except OSError:
+                    return False
+                return True
+
+        wait_for(accepting, "listening on the old path", proc, d)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+def test_user_id_drops_privileges_after_binding() -> None:
+    if os.getuid() != 0:
+        pytest.fail("this test needs root, as `make test` runs")
+    nobody = pwd.getpwnam("nobody")
+    d = new_socket_dir("server-")
+    os.chown(d, nobody.pw_uid, -1)  # the socket's folder belongs to the milter's user
+    sock = d / "m.sock"
+    proc = start(f"Socket local:{sock}\nUserID nobody\n", d)
+    try:
+        wait_for(lambda: "listening on" in (d / "log").read_text(), "start", proc, d)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert set(uids) == {str(nobody.pw_uid)}
+        assert sock.stat().st_uid == nobody.pw_uid  # so it can remove its socket at exit
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    assert not sock.exists()
