@@ -145,3 +145,56 @@ def test_user_id_drops_privileges_after_binding() -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
     assert not sock.exists()
+
+
+def test_umask_applies_to_the_unix_socket() -> None:
+    d = new_socket_dir("server-")
+    sock = d / "m.sock"
+    proc = start(f"Socket local:{sock}\nUMask 007\n", d)
+    try:
+        wait_for(sock.exists, "socket", proc, d)
+        assert sock.stat().st_mode & 0o777 == 0o770
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize("family,host", [("inet", "127.0.0.1"), ("inet6", "::1")])
+def test_tcp_sockets_listen_where_configured(family: str, host: str) -> None:
+    fam = socket.AF_INET6 if family == "inet6" else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    d = new_socket_dir("server-")
+    proc = start(f"Socket {family}:{port}@{host}\n", d)
+    try:
+        def accepting() -> bool:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        wait_for(accepting, f"listening on {family}:{port}@{host}", proc, d)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+def test_syslog_settings_choose_handler_facility_and_name() -> None:
+    import logging.handlers
+
+    from authmilter.errors import ConfigError
+    from authmilter.server import setup_logging
+
+    setup_logging(Config.from_text("Syslog yes\nSyslogFacility local3\nSyslogName mymilter\n"))
+    (handler,) = logging.getLogger("authmilter").handlers
+    assert isinstance(handler, logging.handlers.SysLogHandler)
+    assert handler.facility == logging.handlers.SysLogHandler.LOG_LOCAL3
+    assert handler.formatter is not None and handler.formatter._fmt is not None
+    assert handler.formatter._fmt.startswith("mymilter[")
+    with pytest.raises(ConfigError, match="SyslogFacility: unknown facility 'nosuch'"):
+        setup_logging(Config.from_text("Syslog yes\nSyslogFacility nosuch\n"))
+    setup_logging(Config.from_text("Syslog no\n"))
+    (handler,) = logging.getLogger("authmilter").handlers
+    assert type(handler) is logging.StreamHandler
