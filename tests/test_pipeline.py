@@ -373,3 +373,36 @@ def test_dkim_result_enum_values_are_rfc_tokens() -> None:
     assert [r.value for r in DkimResult] == [
         "none", "pass", "fail", "policy", "neutral", "temperror", "permerror"]
 
+
+
+QUIRKY = (b"From: Alice <alice@example.com>\r\n"
+          b"To:bob@remote.test\r\n"
+          b"Subject:\ttabbed   and  spaced\r\n"
+          b"Date: Mon, 23 Nov 2026 03:00:00 +0000\r\n"
+          b"\r\nbody\r\n")  # fmt: skip
+
+
+def test_simple_header_canonicalization_keeps_a_missing_space_after_the_colon(
+        keydir: Path, keys) -> None:  # fmt: skip
+    """With HDR_LEADSPC the values arrive exactly as on the wire: `To:bob` stays `To:bob`."""
+    verdict = feed(make_context(keydir, keys, "Canonicalization simple/simple\n"), QUIRKY,
+                   ip="127.0.0.1")  # fmt: skip
+    signed = apply(QUIRKY, verdict)
+    assert b"\r\nTo:bob@remote.test\r\n" in signed
+    assert dkim.verify(signed, dnsfunc=zone_resolver(keys).dkimpy_dnsfunc)
+
+
+def test_without_leading_space_negotiation_one_stripped_space_is_restored(
+        keydir: Path, keys) -> None:  # fmt: skip
+    """An MTA without HDR_LEADSPC strips one space after the colon; it is put back."""
+    ctx = make_context(keydir, keys, "Canonicalization simple/simple\n")
+    txn = Connection(ctx, hostname=None, ip="127.0.0.1", leading_space=False).transaction()
+    txn.update_macros({"i": "Q"})
+    for name, value in ((b"From", b"Alice <alice@example.com>"), (b"To", b"bob@remote.test"),
+                        (b"Subject", b"hi")):  # fmt: skip
+        txn.header(name.decode(), value)
+    txn.body(b"body\r\n")
+    verdict = txn.eom()
+    message = (b"From: Alice <alice@example.com>\r\nTo: bob@remote.test\r\nSubject: hi\r\n"
+               b"\r\nbody\r\n")  # fmt: skip
+    assert dkim.verify(apply(message, verdict), dnsfunc=zone_resolver(keys).dkimpy_dnsfunc)

@@ -193,8 +193,12 @@ class Connection:
     """One SMTP client connection: who it is, decided once."""
 
     def __init__(self, ctx: Context, *, hostname: str | None, ip: str | None,
-                 macros: Mapping[str, str] | None = None) -> None:  # fmt: skip
+                 macros: Mapping[str, str] | None = None,
+                 leading_space: bool = True) -> None:  # fmt: skip
         self.ctx = ctx
+        # True when header values arrive exactly as on the wire, space after the colon
+        # included (SMFIP_HDR_LEADSPC); otherwise the MTA stripped one space, which we restore.
+        self.leading_space = leading_space
         self.hostname = hostname if hostname and not hostname.startswith("[") else None
         self.ip = ip
         self.helo: str | None = None
@@ -393,10 +397,11 @@ class Transaction:
     def wire_headers(self) -> list[tuple[bytes, bytes]]:
         """Headers as on the wire: ``(name, value)``, value with CRLF folding and final CRLF."""
         out = []
+        restore = not self.conn.leading_space
         for name, value in self.headers:
             v = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            if v[:1] not in (b" ", b"\t") and v:
-                v = b" " + v  # the MTA dropped the space after the colon (no HDR_LEADSPC)
+            if restore:
+                v = b" " + v  # without HDR_LEADSPC the MTA removed one space after the colon
             out.append((name.encode("ascii", "surrogateescape"), v + b"\r\n"))
         return out
 

@@ -98,8 +98,10 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             # libmilter gives (address, port[, flow, scope]); test harnesses a bare string.
             ip = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
-        self.conn = Connection(self.ctx, hostname=hostname, ip=ip, macros={
-            k: v for k, v in self._macros().items() if v is not None})  # fmt: skip
+        self.conn = Connection(
+            self.ctx, hostname=hostname, ip=ip,
+            macros={k: v for k, v in self._macros().items() if v is not None},
+            leading_space=bool(self._protocol & Milter.P_HDR_LEADSPC))  # fmt: skip
         if self.conn.peer:
             log.debug("connection from %s [%s] is in PeerList: not processed", hostname, ip)
             return int(Milter.ACCEPT)
