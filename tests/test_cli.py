@@ -81,6 +81,19 @@ def test_config_test_refuses_mixing_merged_and_split(tmp_path: Path,
     assert "either -c or --opendkim-conf" in capsys.readouterr().err
 
 
+def test_authserv_id_falls_back_to_policyd_spf_then_host_name() -> None:
+    import socket
+
+    from authmilter.cli import resolve_authserv_id
+    from authmilter.config import Config
+
+    assert resolve_authserv_id(Config.from_text("Authserv_Id spf.test\n")).authserv_id == (
+        "spf.test")
+    both = Config.from_text("AuthservID mx.test\nAuthserv_Id spf.test\n")
+    assert resolve_authserv_id(both).authserv_id == "mx.test"
+    assert resolve_authserv_id(Config.from_text("")).authserv_id == socket.gethostname()
+
+
 def test_python_dash_m_prints_version() -> None:
     out = subprocess.run([*AUTHMILTER, "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("authmilter 0.")

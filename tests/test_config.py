@@ -330,7 +330,7 @@ def test_split_files_and_merged_file_give_equal_configs(tmp_path: Path) -> None:
     assert split_cfg == merged_cfg
     assert split_cfg.reject_failures and split_cfg.umask == 0o007
     assert split_cfg.trusted_authserv_ids == ("mx.example.com", "border.example.com")
-    assert split_cfg.sources == (dmarc, dkim)
+    assert split_cfg.sources == (dkim, dmarc)
 
 
 def test_split_conflict_opendkim_wins_and_warning_names_both_lines(tmp_path: Path) -> None:
@@ -340,8 +340,8 @@ def test_split_conflict_opendkim_wins_and_warning_names_both_lines(tmp_path: Pat
     assert loaded.config.socket == "local:/run/opendkim/opendkim.sock"
     warnings = [str(w) for w in loaded.warnings]
     assert (f"{dmarc}:3: Socket is 'local:/run/opendkim/opendkim.sock' in {dkim}:3 and "
-            "'local:/run/opendmarc/opendmarc.sock' here; the OpenDKIM file's value is used"
-            ) in warnings  # fmt: skip
+            "'local:/run/opendmarc/opendmarc.sock' here; the earlier file's value is used "
+            "(OpenDKIM, then OpenDMARC, then policyd-spf)") in warnings  # fmt: skip
     assert any(w.startswith(f"{dmarc}:2: PidFile is ") for w in warnings)
     assert any(w.startswith(f"{dmarc}:8: UMask is ") for w in warnings)
     # Same value in both files (AuthservID, Syslog "yes" vs "true" differ in text): only a
@@ -418,3 +418,85 @@ def test_effective_lines_show_value_and_origin(tmp_path: Path) -> None:
 
 def test_every_kind_is_used_by_some_directive() -> None:
     assert {d.kind for d in DIRECTIVES} == set(Kind)
+
+
+# -- policyd-spf --------------------------------------------------------------------------------
+
+POLICYD_SPF_CONF = """\
+#  For a fully commented sample config file see policyd-spf.conf.commented
+
+debugLevel = 1
+TestOnly = 1
+
+HELO_reject = SPF_Not_Pass
+Mail_From_reject = Softfail
+
+PermError_reject = True
+TempError_Defer = False
+
+skip_addresses = 127.0.0.0/8,::ffff:127.0.0.0/104,::1
+Whitelist = 192.0.2.0/24
+Header_Type = AR
+Authserv_Id = spf.example.com
+Reject_Not_Pass_Domains = aol.example,hotmail.example
+"""
+
+
+def test_policyd_spf_conf_is_read_unchanged(tmp_path: Path) -> None:
+    conf = write(tmp_path, "policyd-spf.conf", POLICYD_SPF_CONF)
+    loaded = load_split(None, None, conf)
+    cfg = loaded.config
+    assert (cfg.helo_reject, cfg.mail_from_reject) == ("SPF_Not_Pass", "Softfail")
+    assert cfg.permerror_reject is True and cfg.temperror_defer is False
+    assert cfg.test_only is True and cfg.header_type == "AR"
+    assert cfg.whitelist == ("192.0.2.0/24",)
+    assert cfg.spf_authserv_id == "spf.example.com"
+    assert cfg.reject_not_pass_domains == ("aol.example", "hotmail.example")
+    assert [str(w).split(";")[0] for w in loaded.warnings] == [
+        f"{conf}:3: debugLevel is recognised but not implemented by authmilter"]
+
+
+def test_policyd_spf_options_in_our_own_file_take_either_syntax() -> None:
+    cfg = Config.from_text("HELO_reject softfail\nMail_From_reject = False\nTestOnly 0\n")
+    assert (cfg.helo_reject, cfg.mail_from_reject, cfg.test_only) == ("Softfail", "False", False)
+
+
+def test_policyd_spf_bad_choice_and_unknown_name_are_errors(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "HELO_reject Sometimes\n")
+    assert msg.endswith("opendkim.conf:1: HELO_reject: 'Sometimes' is not one of Fail, "
+                        "SPF_Not_Pass, Softfail, Null, False, No_Check")  # fmt: skip
+    conf = write(tmp_path, "policyd-spf.conf", "\nHELO_Reject_Mode = Fail\n")
+    with pytest.raises(ConfigError) as exc:
+        load_split(None, None, conf)
+    assert str(exc.value) == f"{conf}:2: unknown policyd-spf option 'HELO_Reject_Mode'"
+    conf = write(tmp_path, "policyd-spf.conf", "Canonicalization = relaxed\n")
+    with pytest.raises(ConfigError, match="unknown policyd-spf option 'Canonicalization'"):
+        load_split(None, None, conf)
+    conf = write(tmp_path, "policyd-spf.conf", "HELO_reject Fail\n")
+    with pytest.raises(ConfigError, match=r":1: expected 'name = value', got 'HELO_reject Fail'"):
+        load_split(None, None, conf)
+
+
+def test_three_files_conflict_first_file_wins(tmp_path: Path) -> None:
+    dkim = write(tmp_path, "opendkim.conf", "Socket local:/run/a.sock\n")
+    spf = write(tmp_path, "policyd-spf.conf", "Socket = local:/run/spf.sock\nUMask = 007\n")
+    loaded = load_split(dkim, None, spf)
+    assert loaded.config.socket == "local:/run/a.sock" and loaded.config.umask == 0o007
+    assert str(loaded.warnings[0]).startswith(f"{spf}:1: Socket is 'local:/run/a.sock' in {dkim}:1")
+
+
+def test_debian_default_policyd_spf_conf_loads() -> None:
+    """The policyd-spf.conf Debian ships (installed by `make test`) is read as it is."""
+    loaded = load_split(None, None, "/etc/postfix-policyd-spf-python/policyd-spf.conf")
+    assert loaded.config.helo_reject == "Fail" and loaded.config.test_only is True
+
+
+def test_table_lists_every_option_policyd_spf_reads() -> None:
+    """Every name the installed policyd-spf (Debian package) accepts is in the table."""
+    import re
+
+    src = Path("/usr/lib/python3/dist-packages/spf_engine/policydspfsupp.py").read_text()
+    block = src.split("nameConversion = {", 1)[1].split("}", 1)[0]
+    names = set(re.findall(r"'([A-Za-z_]+)'\s*:", block)) - {"IntHosts"}
+    assert len(names) > 20
+    assert names - {d.name for d in DIRECTIVES} == set()

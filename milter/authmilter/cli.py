@@ -63,6 +63,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="read an existing opendkim.conf unchanged (instead of -c)")
     p.add_argument("--opendmarc-conf", metavar="FILE",
                    help="read an existing opendmarc.conf unchanged (instead of -c)")
+    p.add_argument("--policyd-spf-conf", metavar="FILE",
+                   help="read an existing policyd-spf.conf unchanged (instead of -c)")
 
 
 def load_from_args(ns: argparse.Namespace, err: TextIO) -> Loaded:
@@ -71,10 +73,12 @@ def load_from_args(ns: argparse.Namespace, err: TextIO) -> Loaded:
     :raises ConfigError: when it cannot be used.
     """
     overrides = {"Socket": ns.socket} if getattr(ns, "socket", None) else None
-    if ns.opendkim_conf or ns.opendmarc_conf:
+    if ns.opendkim_conf or ns.opendmarc_conf or ns.policyd_spf_conf:
         if ns.config:
-            raise ConfigError("give either -c or --opendkim-conf/--opendmarc-conf, not both")
-        loaded = load_split(ns.opendkim_conf, ns.opendmarc_conf, overrides=overrides)
+            raise ConfigError("give either -c or --opendkim-conf/--opendmarc-conf/"
+                              "--policyd-spf-conf, not both")  # fmt: skip
+        loaded = load_split(ns.opendkim_conf, ns.opendmarc_conf, ns.policyd_spf_conf,
+                            overrides=overrides)  # fmt: skip
     else:
         loaded = load_config(ns.config or DEFAULT_CONFIG, overrides=overrides)
     for w in loaded.warnings:
@@ -83,9 +87,12 @@ def load_from_args(ns: argparse.Namespace, err: TextIO) -> Loaded:
 
 
 def resolve_authserv_id(cfg: Config) -> Config:
-    """``AuthservID`` unset or ``HOSTNAME`` means this host's name (as OpenDKIM)."""
+    """``AuthservID`` unset or ``HOSTNAME`` means policyd-spf's ``Authserv_Id`` if that is
+    set, else this host's name (as OpenDKIM)."""
     if cfg.authserv_id is None or cfg.authserv_id == "HOSTNAME":
-        return dataclasses.replace(cfg, authserv_id=socket.gethostname())
+        spf_id = cfg.spf_authserv_id
+        name = spf_id if spf_id and spf_id != "HOSTNAME" else socket.gethostname()
+        return dataclasses.replace(cfg, authserv_id=name)
     return cfg
 
 

@@ -34,6 +34,7 @@ class Component(StrEnum):
     OPENDKIM = "opendkim"
     OPENDMARC = "opendmarc"
     BOTH = "opendkim+opendmarc"
+    POLICYD_SPF = "policyd-spf"
     AUTHMILTER = "authmilter"
 
 
@@ -61,6 +62,7 @@ class Kind(StrEnum):
     CANON = "canonicalization"
     MODE = "mode"
     ALGORITHM = "signature algorithm"
+    CHOICE = "one of"
 
 
 class Action(StrEnum):
@@ -110,6 +112,7 @@ class Directive:
     support: Support
     doc: str
     attr: str = ""  # the Config attribute; derived from the name when empty
+    choices: tuple[str, ...] = ()  # for Kind.CHOICE: the accepted spellings (case-insensitive)
 
     @property
     def field_name(self) -> str:
@@ -139,12 +142,19 @@ DEFAULT_OMIT_HEADERS = (
 )  # fmt: skip
 
 D, M, B, A = Component.OPENDKIM, Component.OPENDMARC, Component.BOTH, Component.AUTHMILTER
+P = Component.POLICYD_SPF
 S, IG, R = Support.SUPPORTED, Support.IGNORED, Support.RESOLVER
 
 
 def _d(name: str, kind: Kind, default: Any, comp: Component, sup: Support, doc: str,
-       attr: str = "") -> Directive:  # fmt: skip
-    return Directive(name, kind, default, comp, sup, doc, attr)
+       attr: str = "", choices: tuple[str, ...] = ()) -> Directive:  # fmt: skip
+    return Directive(name, kind, default, comp, sup, doc, attr, choices)
+
+
+HELO_REJECT_CHOICES = ("Fail", "SPF_Not_Pass", "Softfail", "Null", "False", "No_Check")
+MAIL_FROM_REJECT_CHOICES = ("Fail", "SPF_Not_Pass", "Softfail", "False", "No_Check")
+DEFAULT_SKIP_ADDRESSES = ("127.0.0.0/8", "::ffff:127.0.0.0/104", "::1")
+DEFAULT_REASON_MESSAGE = "Message {rejectdefer} due to: {spf}. Please see {url}"
 
 
 #: Every directive of OpenDKIM 2.11 and OpenDMARC 1.4, plus authmilter's own.
@@ -358,6 +368,58 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("TrustedAuthservIDs", Kind.LIST, None, M, S,
        "Upstream authserv-ids whose results are trusted (default: AuthservID).",
        "trusted_authserv_ids"),
+    # -- policyd-spf (postfix-policyd-spf-python 3.0) ----------------------------------------
+    _d("HELO_reject", Kind.CHOICE, "Fail", P, S,
+       "When to reject on the HELO identity: Fail, SPF_Not_Pass, Softfail, Null, False, "
+       "No_Check.", choices=HELO_REJECT_CHOICES),
+    _d("Mail_From_reject", Kind.CHOICE, "Fail", P, S,
+       "When to reject on the MAIL FROM identity: Fail, SPF_Not_Pass, Softfail, False, "
+       "No_Check.", choices=MAIL_FROM_REJECT_CHOICES),
+    _d("PermError_reject", Kind.BOOL, False, P, S, "Reject on SPF permerror.",
+       "permerror_reject"),
+    _d("TempError_Defer", Kind.BOOL, False, P, S, "Defer (4xx) on SPF temperror.",
+       "temperror_defer"),
+    _d("skip_addresses", Kind.LIST, DEFAULT_SKIP_ADDRESSES, P, S,
+       "Client networks never SPF-checked (InternalHosts and authenticated clients are not "
+       "checked either)."),
+    _d("Whitelist", Kind.LIST, (), P, S, "Client networks (CIDR) exempt from SPF checks."),
+    _d("HELO_Whitelist", Kind.LIST, (), P, S,
+       "HELO names exempt from SPF checks, when the client address is in their A/AAAA."),
+    _d("Domain_Whitelist", Kind.LIST, (), P, S,
+       "Domains whose SPF record, passing for the client, exempts it from SPF checks."),
+    _d("Domain_Whitelist_PTR", Kind.LIST, (), P, IG, "Not implemented; use Whitelist."),
+    _d("Header_Type", Kind.CHOICE, "SPF", P, S,
+       "SPF: add Received-SPF as well; AR or None: the result is only in our "
+       "Authentication-Results.", choices=("SPF", "AR", "None")),
+    _d("Authserv_Id", Kind.STRING, None, P, S,
+       "policyd-spf's authserv-id; used when AuthservID is not set.", "spf_authserv_id"),
+    _d("Hide_Receiver", Kind.BOOL, False, P, S, "Write receiver=<UNKNOWN> in Received-SPF."),
+    _d("Lookup_Time", Kind.INT, 20, P, S, "Time limit of one SPF evaluation, in seconds."),
+    _d("Whitelist_Lookup_Time", Kind.INT, 10, P, IG, "DNSTimeout applies to each lookup."),
+    _d("Void_Limit", Kind.INT, 2, P, S, "RFC 7208 §4.6.4 void lookup limit."),
+    _d("Reject_Not_Pass_Domains", Kind.LIST, (), P, S,
+       "Domains whose softfail/neutral results are rejected like fail."),
+    _d("No_Mail", Kind.BOOL, False, P, S,
+       "Only reject when the record is `v=spf1 -all` (the domain sends no mail)."),
+    _d("TestOnly", Kind.BOOL, True, P, S,
+       "policyd-spf's inverted switch: 1 (default) acts on results, 0 never rejects."),
+    _d("defaultSeedOnly", Kind.BOOL, True, P, IG, "Old name of TestOnly; use TestOnly."),
+    _d("SPF_Enhanced_Status_Codes", Kind.BOOL, True, P, S,
+       "RFC 7372 enhanced status codes (5.7.23, 4.7.24 …) in SPF rejects."),
+    _d("Reason_Message", Kind.STRING, DEFAULT_REASON_MESSAGE, P, S,
+       "SPF reject text; {rejectdefer}, {spf} and {url} are filled in."),
+    _d("debugLevel", Kind.INT, 1, P, IG, "authmilter logs one line per message."),
+    _d("HELO_pass_restriction", Kind.STRING, None, P, IG, "Postfix restriction classes only."),
+    _d("Mail_From_pass_restriction", Kind.STRING, None, P, IG,
+       "Postfix restriction classes only."),
+    _d("Prospective", Kind.STRING, None, P, IG, "Not implemented."),
+    _d("Mock", Kind.BOOL, False, P, IG, "Not needed: authmilter is the only filter."),
+    _d("QueueID", Kind.BOOL, True, P, IG, "authmilter always logs the queue id."),
+    _d("Per_User", Kind.STRING, None, P, IG, "Per-recipient SPF settings are not supported."),
+    # -- authmilter's own ---------------------------------------------------------------------
+    _d("OrganizationalDomainMethod", Kind.CHOICE, "psl", A, S,
+       "How DMARC finds the organizational domain: `psl` (RFC 7489, PublicSuffixList) or "
+       "`treewalk` (the DMARCbis DNS tree walk).", choices=("psl", "treewalk")),
 )
 
 _BY_LOWER: dict[str, Directive] = {d.name.lower(): d for d in DIRECTIVES}
@@ -449,6 +511,27 @@ class Config:
     spf_ignore_results: bool = False
     spf_self_validate: bool = False
     trusted_authserv_ids: tuple[str, ...] | None = None
+    # policyd-spf
+    helo_reject: str = "Fail"
+    mail_from_reject: str = "Fail"
+    permerror_reject: bool = False
+    temperror_defer: bool = False
+    skip_addresses: tuple[str, ...] = DEFAULT_SKIP_ADDRESSES
+    whitelist: tuple[str, ...] = ()
+    helo_whitelist: tuple[str, ...] = ()
+    domain_whitelist: tuple[str, ...] = ()
+    header_type: str = "SPF"
+    spf_authserv_id: str | None = None
+    hide_receiver: bool = False
+    lookup_time: int = 20
+    void_limit: int = 2
+    reject_not_pass_domains: tuple[str, ...] = ()
+    no_mail: bool = False
+    test_only: bool = True
+    spf_enhanced_status_codes: bool = True
+    reason_message: str = DEFAULT_REASON_MESSAGE
+    # authmilter
+    organizational_domain_method: str = "psl"
     # Provenance, not configuration.
     ignored: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     where: Mapping[str, Location] = field(default_factory=dict, compare=False)
@@ -529,6 +612,8 @@ def read_settings_text(text: str, path: str, *, _depth: int = 0) -> list[Setting
         d = _BY_LOWER.get(name.lower())
         if d is None:
             raise ConfigError(_unknown_message(name), where)
+        if d.component is Component.POLICYD_SPF and value.startswith("="):
+            value = value[1:].strip()  # pasted from policyd-spf.conf: "HELO_reject = Fail"
         if not value:
             raise ConfigError(f"{d.name}: missing value", where)
         if d.name == "Include":
@@ -539,6 +624,35 @@ def read_settings_text(text: str, path: str, *, _depth: int = 0) -> list[Setting
                 raise ConfigError(f"Include: nested more than {MAX_INCLUDE_DEPTH} levels", where)
             settings.extend(_read_file(str(target), where, _depth + 1))
             continue
+        settings.append(Setting(d, value, where))
+    return settings
+
+
+#: Directives a policyd-spf.conf may hold: its own, and the milter front end's.
+_POLICYD_MILTER_NAMES = ("Socket", "PidFile", "UserID", "UMask", "InternalHosts", "MacroList")
+
+
+def read_policyd_spf_text(text: str, path: str) -> list[Setting]:
+    """Read policyd-spf.conf syntax: ``name = value`` lines, ``#`` comments.
+
+    :raises ConfigError: for a line without ``=`` or a name policyd-spf does not know.
+    """
+    settings = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = Location(path, lineno)
+        name, eq, value = (part.strip() for part in line.partition("="))
+        if not eq or not value:
+            raise ConfigError(f"expected 'name = value', got '{line}'", where)
+        d = _BY_LOWER.get(name.lower())
+        if d is None or (d.component is not Component.POLICYD_SPF
+                         and d.name not in _POLICYD_MILTER_NAMES):  # fmt: skip
+            known = [x.name for x in DIRECTIVES if x.component is Component.POLICYD_SPF]
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown policyd-spf option '{name}'{hint}", where)
         settings.append(Setting(d, value, where))
     return settings
 
@@ -686,6 +800,17 @@ def parse_socket(value: str) -> str:
     return f"{kind}:{port_s}@{host}" if host else f"{kind}:{port_s}"
 
 
+def parse_choice(value: str, choices: Sequence[str]) -> str:
+    """One of ``choices``, matched case-insensitively, returned in its canonical spelling.
+
+    :raises ValueError: otherwise.
+    """
+    for c in choices:
+        if value.lower() == c.lower():
+            return c
+    raise ValueError(f"'{value}' is not one of {', '.join(choices)}")
+
+
 def parse_list(value: str) -> tuple[str, ...]:
     """A comma-separated list (blank items dropped)."""
     return tuple(item.strip() for item in value.split(",") if item.strip())
@@ -746,6 +871,8 @@ def parse_value(setting: Setting) -> Any:
             return _dataset_spec(setting)
         if d.kind is Kind.HEADERS:
             return header_list_from_dataset(setting.value, setting.where, d.default or ())
+        if d.kind is Kind.CHOICE:
+            return parse_choice(setting.value, d.choices)
         return _PARSERS[d.kind](setting.value)
     except ValueError as e:
         raise ConfigError(f"{d.name}: {e}", setting.where) from None
@@ -870,30 +997,50 @@ def load_config(path: str, *, overrides: Mapping[str, str] | None = None) -> Loa
     return build_config(_read_file(path, None), overrides=overrides)
 
 
-def load_split(opendkim_conf: str | None, opendmarc_conf: str | None, *,
+def load_split(opendkim_conf: str | None, opendmarc_conf: str | None,
+               policyd_spf_conf: str | None = None, *,
                overrides: Mapping[str, str] | None = None) -> Loaded:  # fmt: skip
-    """Read a user's existing opendkim.conf and opendmarc.conf unchanged.
+    """Read a user's existing opendkim.conf, opendmarc.conf and policyd-spf.conf unchanged.
 
-    A directive both files set differently takes the OpenDKIM file's value, with a warning that
-    names both lines.
+    A directive set differently by several files takes the value of the first in that order
+    (OpenDKIM, then OpenDMARC, then policyd-spf), with a warning that names both lines.
 
     :raises ConfigError: naming file:line of the first problem.
     """
-    dkim = _read_file(opendkim_conf, None) if opendkim_conf else []
-    dmarc = _read_file(opendmarc_conf, None) if opendmarc_conf else []
-    dkim_last = {s.directive.name: s for s in dkim}
+    files = [
+        _read_file(opendkim_conf, None) if opendkim_conf else [],
+        _read_file(opendmarc_conf, None) if opendmarc_conf else [],
+        _read_policyd_spf(policyd_spf_conf) if policyd_spf_conf else [],
+    ]
+    first: dict[str, int] = {}  # directive → the first file that sets it
+    for i, settings in enumerate(files):
+        for s in settings:
+            first.setdefault(s.directive.name, i)
+    # The winning file's value is its last line for that directive.
+    winner = {s.directive.name: s for i, settings in enumerate(files) for s in settings
+              if first[s.directive.name] == i}  # fmt: skip
     warnings: list[ConfigWarning] = []
-    kept_dmarc: list[Setting] = []
-    for s in dmarc:
-        other = dkim_last.get(s.directive.name)
-        if other is None:
-            kept_dmarc.append(s)
-        elif other.value != s.value:
-            warnings.append(ConfigWarning(
-                f"{s.directive.name} is '{other.value}' in {other.where} and '{s.value}' here; "
-                "the OpenDKIM file's value is used", s.where))  # fmt: skip
-    loaded = build_config([*kept_dmarc, *dkim], overrides=overrides)
+    ordered: list[Setting] = []
+    for i, settings in enumerate(files):
+        for s in settings:
+            other = winner[s.directive.name]
+            if first[s.directive.name] == i:
+                ordered.append(s)
+            elif other.value != s.value:
+                warnings.append(ConfigWarning(
+                    f"{s.directive.name} is '{other.value}' in {other.where} and '{s.value}' "
+                    "here; the earlier file's value is used (OpenDKIM, then OpenDMARC, then "
+                    "policyd-spf)", s.where))  # fmt: skip
+    loaded = build_config(ordered, overrides=overrides)
     return Loaded(loaded.config, (*warnings, *loaded.warnings))
+
+
+def _read_policyd_spf(path: str) -> list[Setting]:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+    return read_policyd_spf_text(text, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,3 +72,59 @@ class DmarcResult(StrEnum):
     FAIL = "fail"
     TEMPERROR = "temperror"
     PERMERROR = "permerror"
+
+
+class SpfIdentity(StrEnum):
+    """Which identity an SPF result is about (RFC 7208 §2.3, §2.4)."""
+
+    MAILFROM = "mailfrom"
+    HELO = "helo"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpfOutcome:
+    """The SPF verdict for one identity of one SMTP transaction.
+
+    ``sender`` is the identity as checked: the MAIL FROM address, or ``postmaster@<helo>`` for
+    the HELO identity and for the null sender (RFC 7208 §2.4). ``domain`` is its domain.
+    ``comment`` is the short human text policyd-spf writes (``domain of x designates …``).
+    """
+
+    result: SpfResult
+    identity: SpfIdentity
+    sender: str
+    domain: str
+    client_ip: str
+    helo: str | None = None
+    comment: str | None = None
+    problem: str | None = None  # permerror/temperror detail, for logs and Received-SPF
+
+
+class DmarcPolicy(StrEnum):
+    """A DMARC policy value (``p=``, ``sp=``, ``np=``) or an applied disposition."""
+
+    NONE = "none"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DmarcOutcome:
+    """The DMARC verdict for a message (RFC 7489 §6.6, DMARCbis).
+
+    ``policy`` is the policy that applied to the From domain (p=, or sp=/np= for a subdomain or
+    a non-existent domain); ``disposition`` is what the receiver is asked to do after ``pct``
+    sampling and ``t=y`` testing (OpenDMARC's ``dis=``).
+    """
+
+    result: DmarcResult
+    from_domain: str | None = None
+    policy: DmarcPolicy | None = None
+    disposition: DmarcPolicy = DmarcPolicy.NONE
+    record_domain: str | None = None
+    org_domain: str | None = None
+    dkim_aligned: bool = False
+    spf_aligned: bool = False
+    testing: bool = False
+    sampled_out: bool = False
+    reason: str | None = None
