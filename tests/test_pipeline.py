@@ -137,7 +137,7 @@ def dkim_results(verdict: Verdict) -> list[tuple[str, str | None]]:
     (value,) = added(verdict, "Authentication-Results")
     parsed = authres.AuthenticationResultsHeader.parse_value(" ".join(value.split()))
     assert parsed.authserv_id == AID
-    return [(r.result, r.header_d) for r in parsed.results]
+    return [(r.result, r.header_d) for r in parsed.results if r.method == "dkim"]
 
 
 # -- signing ----------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import authres
+import authres.dmarc
 from authres.core import AuthenticationResultProperty, QuotableValue
 
-from authmilter.results import DkimOutcome, DkimResult
+from authmilter.results import DkimOutcome, DkimResult, DmarcOutcome, SpfIdentity, SpfOutcome
 
 HEADER = "Authentication-Results"
 #: How much of b= identifies a signature in header.b (RFC 6008 §2: at least 8 characters).
@@ -55,12 +57,42 @@ def _comment_safe(text: str | None) -> str | None:
     return text.encode("ascii", "replace").decode("ascii")
 
 
-def build(authserv_id: str, *, dkim: Sequence[DkimOutcome] = (), header_b: bool = True) -> str:
-    """The value of our Authentication-Results field (without the field name).
+def _spf_clause(outcome: SpfOutcome) -> authres.SPFAuthenticationResult:
+    """``spf=pass (comment) smtp.mailfrom=…``, or ``smtp.helo=…`` for the HELO identity."""
+    helo = outcome.identity is SpfIdentity.HELO
+    return authres.SPFAuthenticationResult(
+        result=outcome.result.value,
+        result_comment=_comment_safe(outcome.comment),
+        smtp_mailfrom=None if helo else outcome.sender,
+        smtp_helo=(outcome.helo or outcome.domain) if helo else None,
+    )
+
+
+def _dmarc_clause(outcome: DmarcOutcome) -> authres.dmarc.DMARCAuthenticationResult:
+    """OpenDMARC's shape: ``dmarc=fail (p=reject dis=quarantine) header.from=… policy.dmarc=…``."""
+    comment = None
+    if outcome.policy is not None:
+        comment = f"p={outcome.policy.value} dis={outcome.disposition.value}"
+    return authres.dmarc.DMARCAuthenticationResult(
+        result=outcome.result.value,
+        result_comment=_comment_safe(comment),
+        header_from=outcome.from_domain,
+        policy=outcome.policy.value if outcome.policy is not None else None,
+    )
+
+
+def build(authserv_id: str, *, dkim: Sequence[DkimOutcome] = (), spf: SpfOutcome | None = None,
+          dmarc: DmarcOutcome | None = None, header_b: bool = True) -> str:  # fmt: skip
+    """The value of our Authentication-Results field (without the field name): DKIM clauses,
+    then SPF, then DMARC, as OpenDKIM and OpenDMARC order them.
 
     ``header_b=False`` implements OpenDKIM's ``NoHeaderB``.
     """
     results = [str(_dkim_clause(o, header_b=header_b)) for o in dkim]
+    if spf is not None:
+        results.append(str(_spf_clause(spf)))
+    if dmarc is not None:
+        results.append(str(_dmarc_clause(dmarc)))
     # authres would lower-case the authserv-id and not quote it; keep it as given, quoted when
     # it is not a token (AuthservIDWithJobID adds "/queue-id").
     aid = QuotableValue(authserv_id).quote_if_needed()
@@ -125,3 +157,38 @@ def claims(value: str, ours: Sequence[str]) -> bool:
         return True
     head = value.split(";", 1)[0].lower()
     return any(name.lower().lstrip(".") in head for name in ours if name.strip("."))
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Results that a trusted border host wrote (OpenDMARC's ``TrustedAuthservIDs``)."""
+
+    spf_result: str | None = None
+    spf_mailfrom: str | None = None
+    dkim_pass_domains: tuple[str, ...] = ()
+
+
+def trusted_upstream(values: Iterable[str], trusted: Sequence[str]) -> Upstream:
+    """Collect the SPF result and passing DKIM domains from fields whose authserv-id is in
+    ``trusted``. Fields that do not parse are ignored; the first SPF result wins (the field
+    nearest the top was written last, by the host nearest to us)."""
+    wanted = {t.lower() for t in trusted}
+    spf_result = spf_mailfrom = None
+    dkim: list[str] = []
+    for value in values:
+        try:
+            parsed = authres.AuthenticationResultsHeader.parse_value(value)
+        except Exception:  # noqa: BLE001 - a field we cannot read is no evidence
+            continue
+        if str(parsed.authserv_id or "").lower() not in wanted:
+            continue
+        for r in parsed.results:
+            if r.method == "spf" and spf_result is None:
+                mailfrom = getattr(r, "smtp_mailfrom", None)
+                if mailfrom:
+                    spf_result, spf_mailfrom = str(r.result), str(mailfrom)
+            elif r.method == "dkim" and r.result == "pass":
+                d = getattr(r, "header_d", None)
+                if d:
+                    dkim.append(str(d).lower())
+    return Upstream(spf_result, spf_mailfrom, tuple(dict.fromkeys(dkim)))

@@ -1,4 +1,4 @@
-"""The ``authmilter`` command: ``run``, ``config-test``, ``genkey``, ``testkey``.
+"""The ``authmilter`` command: ``run``, ``config-test``, ``genkey``, ``testkey``, ``check-dmarc``.
 
 This is the only module that reads the environment (host name, argv, streams).
 """
@@ -29,6 +29,7 @@ DEFAULT_CONFIG = "/etc/authmilter.conf"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
+    from authmilter.dmarctools import add_check_dmarc_parser
     from authmilter.keytools import add_genkey_parser, add_testkey_parser
 
     parser = argparse.ArgumentParser(
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_genkey_parser(sub)
     add_testkey_parser(sub)
+    add_check_dmarc_parser(sub)
     return parser
 
 

@@ -7,23 +7,44 @@ No pymilter here: the adapter (:mod:`authmilter.server`) feeds events in and app
 from __future__ import annotations
 
 import email.utils
+import random
 import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO
+from typing import IO, Protocol
 
-from authmilter import authresults
+from authmilter import authresults, dmarc
 from authmilter.config import Action, Config, SignatureAlgorithm
 from authmilter.datasets import Dataset, HostList, open_dataset
 from authmilter.dkim_sign import SigningPolicy, sign
 from authmilter.dkim_verify import TxtLookup, verify_message
-from authmilter.errors import AuthmilterError
+from authmilter.errors import AuthmilterError, ConfigError
 from authmilter.keys import KeyAlgorithm
 from authmilter.keytable import KeyStore, SigningKey
-from authmilter.results import DkimOutcome, DkimProblem, DkimResult
+from authmilter.results import (
+    DkimOutcome,
+    DkimProblem,
+    DkimResult,
+    DmarcOutcome,
+    DmarcPolicy,
+    DmarcResult,
+    SpfIdentity,
+    SpfOutcome,
+    SpfResult,
+)
+from authmilter.spf_check import (
+    DnsQuery,
+    SpfChecker,
+    SpfPolicy,
+    SpfWhitelist,
+    decide,
+    received_spf,
+    whitelist_comment,
+    whitelisted,
+)
 
 #: Macros every transaction wants from the MTA (names without braces).
 BASE_MACROS = ("i", "j", "daemon_name", "auth_type", "auth_authen")
@@ -82,6 +103,10 @@ class Verdict:
 # -- the shared, read-only context ------------------------------------------------------------
 
 
+class DnsResolver(TxtLookup, DnsQuery, Protocol):
+    """What the pipeline needs of the resolver: TXT for DKIM and DMARC, any type for SPF."""
+
+
 @dataclass(frozen=True, slots=True)
 class MacroRule:
     """One MacroList entry: the macro must be set, and equal one of ``values`` if any."""
@@ -118,7 +143,7 @@ class Context:
 
     config: Config
     keys: KeyStore
-    resolver: TxtLookup
+    resolver: DnsResolver
     authserv_id: str
     internal_hosts: HostList
     peer_list: HostList | None = None
@@ -126,11 +151,20 @@ class Context:
     macro_rules: tuple[MacroRule, ...] = ()
     mta_names: Dataset | None = None
     signing_policy: SigningPolicy = field(default_factory=SigningPolicy)
+    spf: SpfChecker
+    spf_policy: SpfPolicy = field(default_factory=SpfPolicy)
+    spf_whitelist: SpfWhitelist = field(default_factory=SpfWhitelist)
+    spf_skip: HostList
+    ignore_hosts: HostList
+    psl: dmarc.PublicSuffix
+    org_method: dmarc.OrgDomainMethod = dmarc.OrgDomainMethod.PSL
     clock: Callable[[], float] = time.time
+    rand: Callable[[], float] = random.random
 
     @classmethod
-    def build(cls, cfg: Config, *, resolver: TxtLookup, keys: KeyStore | None = None,
-              clock: Callable[[], float] = time.time) -> Context:  # fmt: skip
+    def build(cls, cfg: Config, *, resolver: DnsResolver, keys: KeyStore | None = None,
+              clock: Callable[[], float] = time.time,
+              rand: Callable[[], float] = random.random) -> Context:  # fmt: skip
         """Open the datasets and key tables a configuration names.
 
         :raises ConfigError: for an unusable dataset or key.
@@ -155,6 +189,32 @@ class Context:
         if cfg.mta is not None:
             mta = open_dataset(cfg.mta.spec, where=cfg.mta.where, case_sensitive=True)
         assert cfg.authserv_id is not None, "resolve AuthservID (HOSTNAME) before building"
+        try:
+            spf_policy = SpfPolicy(
+                helo_reject=cfg.helo_reject,  # type: ignore[arg-type]  # validated choice text
+                mail_from_reject=cfg.mail_from_reject,  # type: ignore[arg-type]
+                permerror_reject=cfg.permerror_reject,
+                temperror_defer=cfg.temperror_defer,
+                reject_not_pass_domains=cfg.reject_not_pass_domains,
+                no_mail=cfg.no_mail,
+                test_only=cfg.test_only,
+                enhanced_status_codes=cfg.spf_enhanced_status_codes,
+                reason_message=cfg.reason_message,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e), cfg.location("reason_message")) from None
+        try:
+            spf_whitelist = SpfWhitelist(skip_addresses=cfg.skip_addresses,
+                                         whitelist=cfg.whitelist,
+                                         helo_whitelist=cfg.helo_whitelist,
+                                         domain_whitelist=cfg.domain_whitelist)  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(str(e), cfg.location("whitelist") or cfg.location(
+                "skip_addresses")) from None
+        skip = HostList.from_entries((a, cfg.location("skip_addresses"))
+                                     for a in cfg.skip_addresses)  # fmt: skip
+        ignore = hosts(cfg.ignore_hosts)
+        assert ignore is not None
         return cls(
             config=cfg,
             keys=keys if keys is not None else KeyStore.from_config(cfg),
@@ -173,7 +233,16 @@ class Context:
                 rsa_algorithm=cfg.signature_algorithm,
                 ttl=cfg.signature_ttl,
             ),
+            spf=SpfChecker(resolver, timeout=float(cfg.lookup_time or 20),
+                           void_limit=cfg.void_limit, receiver=cfg.authserv_id),  # fmt: skip
+            spf_policy=spf_policy,
+            spf_whitelist=spf_whitelist,
+            spf_skip=skip,
+            ignore_hosts=ignore,
+            psl=dmarc.PublicSuffix(cfg.public_suffix_list),
+            org_method=dmarc.OrgDomainMethod(cfg.organizational_domain_method),
             clock=clock,
+            rand=rand,
         )
 
     def macro_names(self) -> tuple[str, ...]:
@@ -225,6 +294,11 @@ class Transaction:
         self.macros: dict[str, str] = dict(conn.macros)
         self.mail_from: str | None = None
         self.recipients: list[str] = []
+        self.spf_checked = False
+        self.spf: SpfOutcome | None = None
+        self.spf_reply: Reply | None = None
+        self.spf_note: str | None = None  # why SPF was not checked, or the whitelist entry
+        self.spf_header: AddHeader | None = None
         self.headers: list[tuple[str, bytes]] = []
         self.header_bytes = 0
         # Closed by close() (eom or abort); a context manager cannot span the callbacks.
@@ -241,9 +315,58 @@ class Transaction:
         """MAIL FROM."""
         self.mail_from = address.strip("<>")
 
-    def rcpt(self, address: str) -> None:
-        """RCPT TO."""
+    def rcpt(self, address: str) -> Reply | None:
+        """RCPT TO: SPF is checked at the first one (as policyd-spf, at RCPT time); a reject or
+        defer answers every recipient alike."""
         self.recipients.append(address.strip("<>"))
+        if not self.spf_checked:
+            self.spf_checked = True
+            self._check_spf()
+        return self.spf_reply
+
+    def _check_spf(self) -> None:
+        """RFC 7208 for the HELO and MAIL FROM identities, with policyd-spf's options."""
+        ctx, conn = self.ctx, self.conn
+        cfg = ctx.config
+        if conn.peer or self.originating():
+            self.spf_note = "internal or authenticated client"
+            return
+        ip = conn.ip
+        if ip is None:
+            self.spf_note = "no client address"
+            return
+        if ctx.spf_skip.matches(ip):
+            self.spf_note = "skip_addresses"
+            return
+        reason = whitelisted(ctx.spf_whitelist, ctx.spf, ip, conn.helo)
+        if reason is not None:
+            self.spf_note = reason
+            name, value = whitelist_comment(reason, ip, conn.helo, self.mail_from,
+                                            self._receiver())  # fmt: skip
+            self.spf_header = AddHeader(name, value)
+            return
+        sender = self.mail_from or ""
+        helo_outcome = None
+        # The HELO identity is checked when its result can decide something: a HELO_reject
+        # that rejects on it, or the null sender (whose MAIL FROM identity is the HELO name).
+        if cfg.helo_reject in ("Fail", "SPF_Not_Pass", "Softfail") and conn.helo:
+            helo_outcome = ctx.spf.check_helo(ip, conn.helo)
+        mailfrom_outcome = None
+        if cfg.mail_from_reject != "No_Check" or not sender:
+            mailfrom_outcome = ctx.spf.check_mailfrom(ip, sender, conn.helo)
+        decision = decide(ctx.spf_policy, helo_outcome, mailfrom_outcome,
+                          receiver=self._receiver())  # fmt: skip
+        self.spf = mailfrom_outcome or helo_outcome
+        if self.spf is not None and cfg.header_type == "SPF":
+            envelope = sender if self.spf.identity is SpfIdentity.MAILFROM else None
+            self.spf_header = AddHeader("Received-SPF", received_spf(
+                self.spf, receiver=self._receiver(), envelope_from=envelope))  # fmt: skip
+        if decision.action in ("reject", "defer"):
+            self.spf_reply = Reply(decision.code, decision.xcode, decision.text)
+
+    def _receiver(self) -> str:
+        """``receiver=`` of Received-SPF: our host (authserv-id), or hidden."""
+        return "<UNKNOWN>" if self.ctx.config.hide_receiver else self.ctx.authserv_id
 
     def header(self, name: str, value: bytes) -> None:
         """One header field, ``value`` as the MTA sent it (leading space, LF folding)."""
@@ -288,11 +411,7 @@ class Transaction:
                 return self._sign_error(qid, edits, str(e))
         if keys:
             return self._sign(qid, edits, keys)
-        if cfg.verifying:
-            return self._verify(qid, edits, originating, author)
-        return Verdict(action=Action.ACCEPT, edits=tuple(edits),
-                       log=f"{qid}: not signed (no key for the author), not verified (Mode "
-                           f"{cfg.mode}), action=accept")  # fmt: skip
+        return self._inbound(qid, edits, originating, author)
 
     def originating(self) -> bool:
         """OpenDKIM's signing criteria (opendkim(8), OPERATION): SMTP AUTH, InternalHosts,
@@ -354,43 +473,137 @@ class Transaction:
 
     # -- verifying ----------------------------------------------------------------------------
 
-    def _verify(self, qid: str, edits: list[AddHeader | DeleteHeader], originating: bool,
-                author: str | None) -> Verdict:  # fmt: skip
+    def _inbound(self, qid: str, edits: list[AddHeader | DeleteHeader], originating: bool,
+                 author: str | None) -> Verdict:  # fmt: skip
+        """Mail we do not sign: RFC 5322 checks, DKIM, SPF (from RCPT time) and DMARC."""
         cfg = self.ctx.config
-        note = ""
-        if (not originating and author is not None and self.ctx.keys.can_sign
-                and _signs_for(self.ctx.keys, author)):  # fmt: skip
-            ignored = self.ctx.external_ignore is not None and self.ctx.external_ignore.matches(
-                self.conn.ip, self.conn.hostname)
-            if not ignored:
-                note = (f" (external host {self.conn.hostname or self.conn.ip} tried to send as "
-                        f"{author.rpartition('@')[2]})")  # fmt: skip
-        message = self.wire_message()
-        outcomes = verify_message(
-            message, self.ctx.resolver,
-            max_signatures=cfg.maximum_signatures_to_verify,
-            minimum_key_bits=cfg.minimum_key_bits,
-            clock_drift=cfg.clock_drift,
-            now=self.ctx.clock(),
-        )  # fmt: skip
+        from_values = [_unfold(v) for n, v in self.headers if n.lower() == "from"]
+        dates = sum(1 for n, _v in self.headers if n.lower() == "date")
+        if cfg.required_headers and (len(from_values) != 1 or dates != 1):
+            # RFC 5322 §3.6: exactly one From and one Date field.
+            why = (f"the header must have exactly one From and one Date field (RFC 5322 "
+                   f"section 3.6); it has {len(from_values)} From and {dates} Date")  # fmt: skip
+            return Verdict(action=Action.REJECT, reply=Reply("550", "5.6.0", why),
+                           log=f"{qid}: {why}, action=reject")  # fmt: skip
+        author_domain = dmarc.author_domain(from_values)
+        if (author_domain.status is dmarc.FromStatus.MULTIPLE_DOMAINS
+                and cfg.reject_multi_value_from):  # fmt: skip
+            why = "the From field lists addresses of several domains"
+            return Verdict(action=Action.REJECT, reply=Reply("550", "5.7.1", why),
+                           log=f"{qid}: {why} ({author_domain.detail}), action=reject")  # fmt: skip
+
+        note = self._external_sender_note(originating, author)
+        outcomes: list[DkimOutcome] = []
+        dkim_action, dkim_why, problem = Action.ACCEPT, "", None
+        if cfg.verifying:
+            outcomes = verify_message(
+                self.wire_message(), self.ctx.resolver,
+                max_signatures=cfg.maximum_signatures_to_verify,
+                minimum_key_bits=cfg.minimum_key_bits,
+                clock_drift=cfg.clock_drift,
+                now=self.ctx.clock(),
+            )  # fmt: skip
+            dkim_action, dkim_why, problem = choose_action(cfg, outcomes)
+        dkim_reply = None
+        if dkim_action is Action.REJECT:
+            dkim_reply = Reply("550", "5.7.1", f"DKIM verification failed: {dkim_why}")
+        elif dkim_action is Action.TEMPFAIL:
+            # RFC 3463: X.4.3 directory server (DNS) failure; X.7.0 other security reasons.
+            xcode = "4.4.3" if problem is DkimProblem.DNS_ERROR else "4.7.0"
+            dkim_reply = Reply("451", xcode, f"DKIM verification could not be completed: "
+                                             f"{dkim_why}")  # fmt: skip
+
+        dmarc_outcome = self._dmarc(originating, author_domain, outcomes)
+        dmarc_action, dmarc_reply = self._dmarc_action(dmarc_outcome)
+        action, reply, why = dkim_action, dkim_reply, dkim_why
+        if _SEVERITY[dmarc_action] > _SEVERITY[dkim_action]:
+            action, reply = dmarc_action, dmarc_reply
+            why = f"DMARC {dmarc_outcome.result.value}" if dmarc_outcome else "DMARC"
+
+        if self.spf_header is not None:
+            edits.append(self.spf_header)
         signed = any(o.result is not DkimResult.NONE for o in outcomes)
-        action, why, problem = choose_action(cfg, outcomes)
-        if signed or cfg.always_add_ar_header:
+        if signed or cfg.always_add_ar_header or self.spf or dmarc_outcome:
             aid = self.ctx.authserv_id
             if cfg.authserv_id_with_job_id and self.macros.get("i"):
                 aid = f"{aid}/{self.macros['i']}"
-            value = authresults.build(aid, dkim=outcomes, header_b=not cfg.no_header_b)
+            # dkim=none only with AlwaysAddARHeader, as OpenDKIM (which adds no field then).
+            shown = outcomes if signed or cfg.always_add_ar_header else []
+            value = authresults.build(aid, dkim=shown, spf=self.spf, dmarc=dmarc_outcome,
+                                      header_b=not cfg.no_header_b)  # fmt: skip
             edits.append(AddHeader(authresults.HEADER, value))
-        results = "; ".join(_describe(o) for o in outcomes)
-        log = f"{qid}: {results}{note}, action={action.value}" + (f" ({why})" if why else "")
-        reply = None
-        if action is Action.REJECT:
-            reply = Reply("550", "5.7.1", f"DKIM verification failed: {why}")
-        elif action is Action.TEMPFAIL:
-            # RFC 3463: X.4.3 directory server (DNS) failure; X.7.0 other security reasons.
-            xcode = "4.4.3" if problem is DkimProblem.DNS_ERROR else "4.7.0"
-            reply = Reply("451", xcode, f"DKIM verification could not be completed: {why}")
+        parts = [_describe(o) for o in outcomes]
+        parts.append(f"spf={self.spf.result.value}" if self.spf else
+                     f"spf=skipped ({self.spf_note})" if self.spf_note else "spf=none")
+        if dmarc_outcome is not None:
+            parts.append(_describe_dmarc(dmarc_outcome))
+        log = f"{qid}: {', '.join(parts)}{note}, action={action.value}"
+        log += f" ({why})" if why and action is not Action.ACCEPT else ""
         return _verdict(action, edits, log, reply=reply, quarantine=why)
+
+    def _external_sender_note(self, originating: bool, author: str | None) -> str:
+        """OpenDKIM's "external host tried to send as" remark, unless ExternalIgnoreList."""
+        if originating or author is None or not self.ctx.keys.can_sign:
+            return ""
+        if not _signs_for(self.ctx.keys, author):
+            return ""
+        ext = self.ctx.external_ignore
+        if ext is not None and ext.matches(self.conn.ip, self.conn.hostname):
+            return ""
+        return (f" (external host {self.conn.hostname or self.conn.ip} tried to send as "
+                f"{author.rpartition('@')[2]})")  # fmt: skip
+
+    def _dmarc(self, originating: bool, author: dmarc.AuthorDomain,
+               outcomes: list[DkimOutcome]) -> DmarcOutcome | None:  # fmt: skip
+        """Evaluate DMARC unless OpenDMARC's ignore rules (or our own mail) exempt it."""
+        ctx, cfg = self.ctx, self.ctx.config
+        if originating or self.conn.peer:
+            return None
+        if ctx.ignore_hosts.matches(self.conn.ip, self.conn.hostname):
+            return None
+        if author.domain and author.domain in {d.lower() for d in cfg.ignore_mail_from}:
+            return None
+        spf = self.spf
+        dkim = list(outcomes)
+        trusted = [t for t in cfg.trusted_authserv_ids or ()
+                   if t.lower() not in {i.lower() for i in ctx.removable_ids()}]  # fmt: skip
+        if trusted:
+            # Results a trusted border host wrote (never our own id: those are forgeries).
+            values = [_unfold(v) for n, v in self.headers if n.lower() == "authentication-results"]
+            upstream = authresults.trusted_upstream(values, trusted)
+            dkim += [DkimOutcome(result=DkimResult.PASS, domain=d, reason="trusted upstream")
+                     for d in upstream.dkim_pass_domains]  # fmt: skip
+            if (spf is None and not cfg.spf_ignore_results and upstream.spf_result
+                    and upstream.spf_mailfrom):  # fmt: skip
+                try:
+                    result = SpfResult(upstream.spf_result.lower())
+                except ValueError:
+                    result = SpfResult.NONE
+                spf = SpfOutcome(result=result, identity=SpfIdentity.MAILFROM,
+                                 sender=upstream.spf_mailfrom,
+                                 domain=upstream.spf_mailfrom.rpartition("@")[2].lower(),
+                                 client_ip=self.conn.ip or "", comment="trusted upstream")
+        # For the null sender SPF's MAIL FROM identity is the HELO name (RFC 7208 §2.4).
+        return dmarc.evaluate(ctx.resolver, author, dkim, spf, method=ctx.org_method,
+                              psl=ctx.psl, rand=ctx.rand,
+                              null_sender=not self.mail_from)  # fmt: skip
+
+    def _dmarc_action(self, outcome: DmarcOutcome | None) -> tuple[Action, Reply | None]:
+        """OpenDMARC's enforcement: RejectFailures and HoldQuarantinedMessages."""
+        cfg = self.ctx.config
+        if outcome is None:
+            return Action.ACCEPT, None
+        domain = outcome.from_domain or "?"
+        if outcome.result is DmarcResult.FAIL:
+            if outcome.disposition is DmarcPolicy.REJECT and cfg.reject_failures:
+                return Action.REJECT, Reply("550", "5.7.1",
+                                            cfg.reject_string.replace("%s", domain))  # fmt: skip
+            if outcome.disposition is DmarcPolicy.QUARANTINE and cfg.hold_quarantined_messages:
+                return Action.QUARANTINE, None
+        elif outcome.result is DmarcResult.TEMPERROR and cfg.reject_failures:
+            return Action.TEMPFAIL, Reply("451", "4.4.3", f"DMARC evaluation for {domain} "
+                                                          "could not be completed")  # fmt: skip
+        return Action.ACCEPT, None
 
     # -- message text -------------------------------------------------------------------------
 
@@ -455,6 +668,21 @@ def choose_action(cfg: Config, outcomes: Iterable[DkimOutcome]
         o = hits[0]
         return action, f"{o.result.value} for d={o.domain}: {o.reason or problem.value}", problem
     return Action.ACCEPT, "", None
+
+
+#: When DKIM and DMARC disagree, the stronger action wins; a tempfail (the mail comes back)
+#: ranks above a discard (the mail is gone).
+_SEVERITY = {Action.ACCEPT: 0, Action.QUARANTINE: 1, Action.DISCARD: 2, Action.TEMPFAIL: 3,
+             Action.REJECT: 4}  # fmt: skip
+
+
+def _describe_dmarc(o: DmarcOutcome) -> str:
+    text = f"dmarc={o.result.value}"
+    if o.from_domain:
+        text += f" header.from={o.from_domain}"
+    if o.policy is not None:
+        text += f" p={o.policy.value} dis={o.disposition.value}"
+    return text
 
 
 def _verdict(action: Action, edits: list[AddHeader | DeleteHeader], log: str, *,

@@ -25,7 +25,15 @@ import Milter
 
 from authmilter.config import Action, Config
 from authmilter.errors import ConfigError
-from authmilter.pipeline import AddHeader, Connection, Context, DeleteHeader, Transaction, Verdict
+from authmilter.pipeline import (
+    AddHeader,
+    Connection,
+    Context,
+    DeleteHeader,
+    Reply,
+    Transaction,
+    Verdict,
+)
 
 log = logging.getLogger("authmilter")
 
@@ -126,10 +134,25 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
 
     @guarded
     def envrcpt(self, to: str, *esmtp: str) -> int:
-        """RCPT TO."""
-        if self.txn is not None:
-            self.txn.rcpt(to)
-        return int(Milter.CONTINUE)
+        """RCPT TO: where SPF rejects or defers, as policyd-spf did."""
+        if self.txn is None:
+            return int(Milter.CONTINUE)
+        self.txn.update_macros(self._macros())
+        reply = self.txn.rcpt(to)
+        if reply is None:
+            return int(Milter.CONTINUE)
+        spf = self.txn.spf
+        log.info("%s: spf=%s %s, action=%s at RCPT: %s %s %s",
+                 self.macro("i") or "NOQUEUE", spf.result.value if spf else "?",
+                 f"{spf.identity.value}={spf.sender}" if spf else "",
+                 "reject" if reply.code.startswith("5") else "tempfail",
+                 reply.code, reply.xcode, reply.text)  # fmt: skip
+        self._setreply(reply)
+        return int(Milter.REJECT if reply.code.startswith("5") else Milter.TEMPFAIL)
+
+    def _setreply(self, reply: Reply) -> None:
+        """libmilter reads the text as a format: a lone ``%`` must be doubled."""
+        self.setreply(reply.code, reply.xcode, reply.text.replace("%", "%%"))
 
     @Milter.decode("bytes")  # type: ignore[untyped-decorator]
     @guarded
@@ -195,7 +218,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
             return int(Milter.ACCEPT)
         if action in (Action.REJECT, Action.TEMPFAIL):
             if verdict.reply is not None:
-                self.setreply(verdict.reply.code, verdict.reply.xcode, verdict.reply.text)
+                self._setreply(verdict.reply)
             return int(Milter.REJECT if action is Action.REJECT else Milter.TEMPFAIL)
         if action is Action.DISCARD:
             return int(Milter.DISCARD)

@@ -1,0 +1,254 @@
+"""SPF at RCPT time and DMARC at end of message, as the pipeline decides them (no socket)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import authres
+import pytest
+
+from authmilter.config import Action, Config
+from authmilter.pipeline import AddHeader, Connection, Context, Reply, Verdict
+from dnsserver import make_zone
+from fakedns import ZoneResolver, failure_marker
+
+AID = "mx.pipeline.test"
+OUTSIDE = "198.51.100.25"
+
+ZONES = {
+    "strict.test": make_zone("strict.test", [
+        ("@", "TXT", '"v=spf1 ip4:203.0.113.5 -all"'),
+        ("_dmarc", "TXT", '"v=DMARC1; p=reject"'),
+    ]),
+    "quar.test": make_zone("quar.test", [
+        ("@", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"'),
+        ("_dmarc", "TXT", '"v=DMARC1; p=quarantine; aspf=s"'),
+        ("mail", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"'),
+    ]),
+    "relay.test": make_zone("relay.test", [
+        ("@", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"'),
+    ]),
+    "broken.test": make_zone("broken.test", [
+        ("@", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"'),
+        ("_dmarc", "TXT", failure_marker("SERVFAIL")),
+    ]),
+    "flaky.test": make_zone("flaky.test", [("@", "TXT", failure_marker("TIMEOUT"))]),
+}  # fmt: skip
+
+
+def context(tmp_path: Path, conf: str = "") -> Context:
+    cfg = Config.from_text(f"AuthservID {AID}\nMode v\n{conf}")
+    return Context.build(cfg, resolver=ZoneResolver.from_zones(ZONES), rand=lambda: 0.0)
+
+
+def message(from_: str = "alice@strict.test", *, date: bool = True,
+            extra: str = "") -> list[tuple[str, bytes]]:  # fmt: skip
+    fields = [("From", f" {from_}".encode()), ("To", b" user@ours.test"),
+              ("Subject", b" money")]  # fmt: skip
+    if date:
+        fields.append(("Date", b" Mon, 23 Nov 2026 03:00:00 +0000"))
+    if extra:
+        name, _, value = extra.partition(":")
+        fields.append((name, value.encode()))
+    return fields
+
+
+def run(ctx: Context, *, mail_from: str, fields: list[tuple[str, bytes]] | None = None,
+        ip: str = OUTSIDE, helo: str = "client.relay.test",
+        macros: dict[str, str] | None = None) -> tuple[Reply | None, Verdict | None]:  # fmt: skip
+    """Drive one transaction; returns the RCPT reply, or the end-of-message verdict."""
+    conn = Connection(ctx, hostname=None, ip=ip)
+    conn.set_helo(helo)
+    txn = conn.transaction()
+    txn.update_macros({"i": "Q1", **(macros or {})})
+    txn.envfrom(f"<{mail_from}>")
+    reply = txn.rcpt("<user@ours.test>")
+    if reply is not None:
+        txn.close()
+        return reply, None
+    for name, value in fields or message():
+        txn.header(name, value)
+    txn.body(b"body\r\n")
+    return None, txn.eom()
+
+
+def results(verdict: Verdict) -> dict[str, authres.AuthenticationResult]:
+    (value,) = [e.value for e in verdict.edits
+                if isinstance(e, AddHeader) and e.name == "Authentication-Results"]  # fmt: skip
+    parsed = authres.all_features().parse_value(" ".join(value.split()))
+    assert parsed.authserv_id == AID
+    return {r.method: r for r in parsed.results}
+
+
+def header(verdict: Verdict, name: str) -> str | None:
+    values = [e.value for e in verdict.edits if isinstance(e, AddHeader) and e.name == name]
+    return values[0] if values else None
+
+
+# -- SPF ------------------------------------------------------------------------------------------
+
+
+def test_spf_fail_is_rejected_at_rcpt_with_rfc7372_code(tmp_path: Path) -> None:
+    reply, _ = run(context(tmp_path), mail_from="alice@strict.test")
+    assert reply is not None and (reply.code, reply.xcode) == ("550", "5.7.23")
+    assert "strict.test" in reply.text
+
+
+def test_spf_fail_only_marked_with_mail_from_reject_false(tmp_path: Path) -> None:
+    reply, verdict = run(context(tmp_path, "Mail_From_reject False\n"),
+                         mail_from="alice@strict.test")  # fmt: skip
+    assert reply is None and verdict is not None
+    spf = results(verdict)["spf"]
+    assert (spf.result, spf.smtp_mailfrom) == ("fail", "alice@strict.test")
+    received = header(verdict, "Received-SPF")
+    assert received is not None and received.startswith("Fail (mailfrom) identity=mailfrom;")
+
+
+def test_spf_temperror_defers_only_with_temperror_defer(tmp_path: Path) -> None:
+    reply, verdict = run(context(tmp_path), mail_from="a@flaky.test")
+    assert reply is None and verdict is not None
+    assert results(verdict)["spf"].result == "temperror"
+    reply, _ = run(context(tmp_path, "TempError_Defer yes\n"), mail_from="a@flaky.test")
+    assert reply is not None and (reply.code, reply.xcode) == ("450", "4.7.24")
+
+
+def test_test_only_zero_never_rejects(tmp_path: Path) -> None:
+    reply, verdict = run(context(tmp_path, "TestOnly 0\n"), mail_from="alice@strict.test")
+    assert reply is None and verdict is not None
+    assert results(verdict)["spf"].result == "fail"
+
+
+def test_internal_and_authenticated_clients_are_not_spf_checked(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "InternalHosts 198.51.100.0/24\n")
+    reply, verdict = run(ctx, mail_from="alice@strict.test")
+    assert reply is None and verdict is not None and "spf" not in _methods(verdict)
+    reply, verdict = run(context(tmp_path), mail_from="alice@strict.test",
+                         macros={"auth_type": "PLAIN"})  # fmt: skip
+    assert reply is None and verdict is not None and "spf=skipped" in verdict.log
+
+
+def test_whitelisted_relay_gets_x_comment_and_no_spf_check(tmp_path: Path) -> None:
+    reply, verdict = run(context(tmp_path, f"Whitelist {OUTSIDE}/32\n"),
+                         mail_from="alice@strict.test")  # fmt: skip
+    assert reply is None and verdict is not None
+    comment = header(verdict, "X-Comment")
+    assert comment is not None and comment.startswith("SPF skipped for whitelisted relay")
+    assert "spf" not in _methods(verdict)
+
+
+def test_header_type_ar_puts_spf_only_in_authentication_results(tmp_path: Path) -> None:
+    _, verdict = run(context(tmp_path, "Header_Type AR\n"), mail_from="bob@relay.test",
+                     fields=message("bob@relay.test"))  # fmt: skip
+    assert verdict is not None and header(verdict, "Received-SPF") is None
+    assert results(verdict)["spf"].result == "pass"
+
+
+def test_null_sender_is_checked_with_the_helo_identity(tmp_path: Path) -> None:
+    _, verdict = run(context(tmp_path), mail_from="", helo="relay.test",
+                     fields=message("bob@relay.test"))  # fmt: skip
+    assert verdict is not None
+    spf = results(verdict)["spf"]
+    assert (spf.result, spf.smtp_helo) == ("pass", "relay.test")
+
+
+# -- DMARC ----------------------------------------------------------------------------------------
+
+
+def _methods(verdict: Verdict) -> set[str]:
+    if header(verdict, "Authentication-Results") is None:
+        return set()
+    return set(results(verdict))
+
+
+def test_dmarc_reject_with_reject_failures_uses_reject_string(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "RejectFailures yes\nRejectString go away, %s\n")
+    _, verdict = run(ctx, mail_from="bounce@relay.test")
+    assert verdict is not None and verdict.action is Action.REJECT
+    assert verdict.reply == Reply("550", "5.7.1", "go away, strict.test")
+
+
+def test_dmarc_fail_without_reject_failures_is_marked(tmp_path: Path) -> None:
+    _, verdict = run(context(tmp_path), mail_from="bounce@relay.test")
+    assert verdict is not None and verdict.action is Action.ACCEPT
+    dmarc = results(verdict)["dmarc"]
+    assert (dmarc.result, dmarc.header_from, dmarc.policy) == ("fail", "strict.test", "reject")
+    assert "dmarc=fail header.from=strict.test p=reject dis=reject" in verdict.log
+
+
+def test_dmarc_quarantine_is_held_with_hold_quarantined_messages(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "HoldQuarantinedMessages yes\n")
+    # aspf=s: an SPF pass for mail.quar.test is not strictly aligned with quar.test.
+    _, verdict = run(ctx, mail_from="x@mail.quar.test", fields=message("bob@quar.test"))
+    assert verdict is not None and verdict.action is Action.QUARANTINE
+    assert results(verdict)["dmarc"].result == "fail"
+    _, plain = run(context(tmp_path), mail_from="x@mail.quar.test",
+                   fields=message("bob@quar.test"))  # fmt: skip
+    assert plain is not None and plain.action is Action.ACCEPT
+
+
+def test_spf_aligned_pass_is_dmarc_pass(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "HoldQuarantinedMessages yes\nRejectFailures yes\n")
+    _, verdict = run(ctx, mail_from="x@quar.test", fields=message("bob@quar.test"))
+    assert verdict is not None and verdict.action is Action.ACCEPT
+    assert results(verdict)["dmarc"].result == "pass"
+
+
+def test_dmarc_dns_failure_tempfails_only_with_reject_failures(tmp_path: Path) -> None:
+    fields = message("carol@broken.test")
+    _, verdict = run(context(tmp_path), mail_from="carol@broken.test", fields=fields)
+    assert verdict is not None and results(verdict)["dmarc"].result == "temperror"
+    _, verdict = run(context(tmp_path, "RejectFailures yes\n"), mail_from="carol@broken.test",
+                     fields=fields)  # fmt: skip
+    assert verdict is not None and verdict.action is Action.TEMPFAIL
+    assert verdict.reply is not None and verdict.reply.code == "451"
+
+
+@pytest.mark.parametrize("conf", ["IgnoreMailFrom strict.test\n", f"IgnoreHosts csl:{OUTSIDE}\n"])
+def test_ignored_domains_and_hosts_are_not_dmarc_evaluated(tmp_path: Path, conf: str) -> None:
+    _, verdict = run(context(tmp_path, "RejectFailures yes\n" + conf), mail_from="b@relay.test")
+    assert verdict is not None and verdict.action is Action.ACCEPT
+    assert "dmarc" not in _methods(verdict)
+
+
+def test_required_headers_rejects_a_message_without_date(tmp_path: Path) -> None:
+    _, verdict = run(context(tmp_path, "RequiredHeaders yes\n"), mail_from="b@relay.test",
+                     fields=message("b@relay.test", date=False))  # fmt: skip
+    assert verdict is not None and verdict.action is Action.REJECT
+    assert verdict.reply is not None and verdict.reply.xcode == "5.6.0"
+    assert "0 Date" in verdict.reply.text
+
+
+def test_multiple_from_fields_are_never_a_dmarc_pass(tmp_path: Path) -> None:
+    fields = message("b@relay.test", extra="From: boss@strict.test")
+    _, verdict = run(context(tmp_path), mail_from="b@relay.test", fields=fields)
+    assert verdict is not None
+    assert results(verdict)["dmarc"].result in ("permerror", "none")
+
+
+def test_multi_domain_from_rejected_with_reject_multi_value_from(tmp_path: Path) -> None:
+    fields = message("b@relay.test, boss@strict.test")
+    _, verdict = run(context(tmp_path, "RejectMultiValueFrom yes\n"), mail_from="b@relay.test",
+                     fields=fields)  # fmt: skip
+    assert verdict is not None and verdict.action is Action.REJECT
+    _, verdict = run(context(tmp_path), mail_from="b@relay.test", fields=fields)
+    assert verdict is not None and results(verdict)["dmarc"].result != "pass"
+
+
+def test_trusted_upstream_spf_is_used_when_we_did_not_check(tmp_path: Path) -> None:
+    """A border host we trust wrote spf=pass; our own check was skipped (whitelisted relay)."""
+    upstream = "Authentication-Results: border.ours.test; spf=pass smtp.mailfrom=x@quar.test"
+    ctx = context(tmp_path, f"Whitelist {OUTSIDE}/32\nTrustedAuthservIDs border.ours.test\n")
+    _, verdict = run(ctx, mail_from="x@quar.test",
+                     fields=message("bob@quar.test", extra=upstream))  # fmt: skip
+    assert verdict is not None and results(verdict)["dmarc"].result == "pass"
+    untrusted = context(tmp_path, f"Whitelist {OUTSIDE}/32\n")
+    _, verdict = run(untrusted, mail_from="x@quar.test",
+                     fields=message("bob@quar.test", extra=upstream))  # fmt: skip
+    assert verdict is not None and results(verdict)["dmarc"].result == "fail"
+
+
+def test_our_own_authserv_id_is_never_trusted_from_outside(tmp_path: Path) -> None:
+    forged = f"Authentication-Results: {AID}; spf=pass smtp.mailfrom=x@quar.test"
+    ctx = context(tmp_path, f"Whitelist {OUTSIDE}/32\nTrustedAuthservIDs {AID}\n")
+    _, verdict = run(ctx, mail_from="x@quar.test", fields=message("bob@quar.test", extra=forged))
+    assert verdict is not None and results(verdict)["dmarc"].result == "fail"
