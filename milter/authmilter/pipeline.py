@@ -347,9 +347,9 @@ class Transaction:
             return
         sender = self.mail_from or ""
         helo_outcome = None
-        # The HELO identity is checked when its result can decide something: a HELO_reject
-        # that rejects on it, or the null sender (whose MAIL FROM identity is the HELO name).
-        if cfg.helo_reject in ("Fail", "SPF_Not_Pass", "Softfail") and conn.helo:
+        # The HELO identity is always checked (as policyd-spf), unless HELO_reject No_Check;
+        # for the null sender it is also the MAIL FROM identity (RFC 7208 §2.4).
+        if cfg.helo_reject != "No_Check" and conn.helo:
             helo_outcome = ctx.spf.check_helo(ip, conn.helo)
         mailfrom_outcome = None
         if cfg.mail_from_reject != "No_Check" or not sender:
