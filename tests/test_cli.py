@@ -129,7 +129,7 @@ def test_run_serves_the_milter_protocol_on_a_local_socket(example: Path) -> None
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=40)
         log.close()
     assert f"listening on local:{sock}" in (example / "run.log").read_text()
 

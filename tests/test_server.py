@@ -99,7 +99,7 @@ def test_sigterm_stops_cleanly_removing_socket_and_pid_file() -> None:
         wait_for(lambda: sock.exists() and pid.exists(), "socket and pid file", proc, d)
         assert int(pid.read_text()) == proc.pid
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(timeout=40) == 0
         assert not sock.exists() and not pid.exists()
     finally:
         proc.kill()
@@ -124,7 +124,7 @@ def test_stale_socket_file_is_replaced() -> None:
         wait_for(accepting, "listening on the old path", proc, d)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        proc.wait(timeout=40)
 
 
 def test_user_id_drops_privileges_after_binding() -> None:
@@ -143,7 +143,7 @@ def test_user_id_drops_privileges_after_binding() -> None:
         assert sock.stat().st_uid == nobody.pw_uid  # so it can remove its socket at exit
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        proc.wait(timeout=40)
     assert not sock.exists()
 
 
@@ -156,7 +156,7 @@ def test_umask_applies_to_the_unix_socket() -> None:
         assert sock.stat().st_mode & 0o777 == 0o770
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        proc.wait(timeout=40)
 
 
 @pytest.mark.parametrize("family,host", [("inet", "127.0.0.1"), ("inet6", "::1")])
@@ -178,7 +178,7 @@ def test_tcp_sockets_listen_where_configured(family: str, host: str) -> None:
         wait_for(accepting, f"listening on {family}:{port}@{host}", proc, d)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        proc.wait(timeout=40)
 
 
 def test_syslog_settings_choose_handler_facility_and_name() -> None:

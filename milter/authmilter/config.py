@@ -417,6 +417,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("QueueID", Kind.BOOL, True, P, IG, "authmilter always logs the queue id."),
     _d("Per_User", Kind.STRING, None, P, IG, "Per-recipient SPF settings are not supported."),
     # -- authmilter's own ---------------------------------------------------------------------
+    _d("Workers", Kind.INT, 0, A, S,
+       "Worker processes sharing the socket; 0 (default) = one per CPU."),
     _d("OrganizationalDomainMethod", Kind.CHOICE, "psl", A, S,
        "How DMARC finds the organizational domain: `psl` (RFC 7489, PublicSuffixList) or "
        "`treewalk` (the DMARCbis DNS tree walk).", choices=("psl", "treewalk")),
@@ -532,6 +534,7 @@ class Config:
     reason_message: str = DEFAULT_REASON_MESSAGE
     # authmilter
     organizational_domain_method: str = "psl"
+    workers: int = 0
     # Provenance, not configuration.
     ignored: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     where: Mapping[str, Location] = field(default_factory=dict, compare=False)

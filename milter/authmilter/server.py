@@ -15,7 +15,9 @@ import logging
 import logging.handlers
 import os
 import pwd
+import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from functools import partial
@@ -306,16 +308,100 @@ def serve(cfg: Config, ctx: Context) -> int:
             os.chown(path, pwd.getpwnam(user).pw_uid,
                      grp.getgrnam(group).gr_gid if group else -1)  # fmt: skip
         drop_privileges(cfg.user_id)
-    log.info("listening on %s (authserv-id %s)", cfg.socket, ctx.authserv_id)
+    workers = cfg.workers or os.cpu_count() or 1
+    log.info("listening on %s (authserv-id %s, %d worker%s)", cfg.socket, ctx.authserv_id,
+             workers, "" if workers == 1 else "s")  # fmt: skip
     try:
-        libmilter.main()
+        if workers == 1:
+            libmilter.main()
+            code = 0
+        else:
+            code = Supervisor(workers, libmilter.main).run()
     finally:
         log.info("stopped")
         for path in (pid_file, _socket_path(cfg.socket)):
             if path:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-    return 0
+    return code
+
+
+class Supervisor:
+    """Worker processes sharing the one listening socket (libmilter runs a thread per
+    connection under one GIL; processes use every core).
+
+    The socket is opened before forking, so every worker's libmilter accepts on it and the
+    kernel spreads connections. A worker that dies is replaced; one that keeps dying (more than
+    ``MAX_RESTARTS`` in ``RESTART_WINDOW`` seconds) stops the whole service, so a broken
+    configuration does not spin. SIGTERM/SIGINT are passed to the workers, which finish the
+    connections in flight.
+    """
+
+    MAX_RESTARTS = 10
+    RESTART_WINDOW = 60.0
+
+    def __init__(self, count: int, work: Callable[[], object]) -> None:
+        self.count = count
+        self.work = work
+        self.children: set[int] = set()
+        self.stopping = False
+        self.restarts: list[float] = []
+
+    def _spawn(self) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                self.work()
+                code = 0
+            except BaseException:  # noqa: BLE001 - report, and leave the restart to the parent
+                log.error("worker %d failed:\n%s", os.getpid(), traceback.format_exc())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children.add(pid)
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def run(self) -> int:
+        """Start the workers and keep them running until told to stop; the exit code."""
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        # SIGHUP would kill a Python parent by default; reloading is not implemented yet.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for _ in range(self.count):
+            self._spawn()
+        code = 0
+        while self.children:
+            pid, status = os.wait()
+            if pid not in self.children:
+                continue
+            self.children.discard(pid)
+            if self.stopping:
+                continue
+            log.error("worker %d exited (%s); starting a new one", pid, _describe_status(status))
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < self.RESTART_WINDOW] + [now]
+            if len(self.restarts) > self.MAX_RESTARTS:
+                log.error("workers keep dying: %d restarts in %.0f s; stopping",
+                          len(self.restarts), self.RESTART_WINDOW)  # fmt: skip
+                self._stop(signal.SIGTERM, None)
+                code = 1
+                continue
+            self._spawn()
+        return code
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 def _register(libmilter: Any) -> None:
