@@ -406,3 +406,41 @@ def test_without_leading_space_negotiation_one_stripped_space_is_restored(
     message = (b"From: Alice <alice@example.com>\r\nTo: bob@remote.test\r\nSubject: hi\r\n"
                b"\r\nbody\r\n")  # fmt: skip
     assert dkim.verify(apply(message, verdict), dnsfunc=zone_resolver(keys).dkimpy_dnsfunc)
+
+
+@pytest.mark.parametrize("direction", ["sign", "verify"])
+def test_fifty_megabyte_message_is_processed_in_bounded_memory(keydir: Path, keys,
+                                                               direction: str) -> None:  # fmt: skip
+    """The body is hashed as it streams in and never kept: memory stays flat."""
+    import tracemalloc
+
+    ctx = make_context(keydir, keys)
+    chunk = (b"0123456789" * 99 + b"\r\n") * 64  # ~64 KiB, Postfix's body chunk size
+    count = (50 << 20) // len(chunk)
+    header = remote_signed(keys).split(b"\r\n\r\n")[0] if direction == "verify" else None
+    conn = Connection(ctx, hostname=None, ip="127.0.0.1" if direction == "sign" else
+                      "198.51.100.25")  # fmt: skip
+    txn = conn.transaction()
+    txn.update_macros({"i": "BIG"})
+    txn.envfrom("<a@example.com>")
+    txn.rcpt("<b@example.net>")
+    fields = MESSAGE.split(b"\r\n\r\n")[0] if header is None else header
+    for line in fields.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            name, value = txn.headers.pop()
+            txn.headers.append((name, value + b"\n" + line))
+        else:
+            name, _, value = line.partition(b":")
+            txn.header(name.decode(), value)
+    txn.eoh()
+    tracemalloc.start()
+    for _ in range(count):
+        txn.body(chunk)
+    verdict = txn.eom()
+    _current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak} bytes for a {count * len(chunk)}-byte body"
+    if direction == "sign":
+        assert added(verdict, "DKIM-Signature")
+    else:
+        assert dkim_results(verdict) == [("fail", "remote.test")]  # the body was replaced

@@ -56,7 +56,7 @@ def test_unexpected_exception_answers_on_internal_error_tempfail(
     test = run_adapter("InternalHosts 10.0.0.0/8\n", explode=True)
     assert test._reply == ("451", "4.3.0", "authmilter: internal error, try again later")
     err = capfd.readouterr().err
-    assert "internal error in eom" in err and "RuntimeError: boom: simulated bug" in err
+    assert "internal error in eoh" in err and "RuntimeError: boom: simulated bug" in err
 
 
 def test_on_internal_error_accept_lets_the_message_through() -> None:

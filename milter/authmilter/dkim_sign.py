@@ -80,22 +80,38 @@ def _chunks(value: str, width: int = 72) -> str:
     return "\r\n\t ".join(value[i : i + width] for i in range(0, len(value), width))
 
 
-def sign(headers: Sequence[tuple[bytes, bytes]], body: bytes, key: SigningKey,
-         policy: SigningPolicy, *, now: int) -> bytes:  # fmt: skip
+def body_hash_spec(key: SigningKey, policy: SigningPolicy) -> tuple[str, str, None]:
+    """The (canonicalization, hash, l=) of the body hash signing with ``key`` needs, so the
+    caller can hash the body as it streams in (:mod:`authmilter.body_hash`)."""
+    algorithm = _algorithm(key, policy)
+    hash_name = "sha1" if algorithm is SignatureAlgorithm.RSA_SHA1 else "sha256"
+    return policy.canonicalization[1].value, hash_name, None
+
+
+def _algorithm(key: SigningKey, policy: SigningPolicy) -> SignatureAlgorithm:
+    if key.key.algorithm is KeyAlgorithm.ED25519:
+        return SignatureAlgorithm.ED25519_SHA256
+    return policy.rsa_algorithm
+
+
+def sign(headers: Sequence[tuple[bytes, bytes]], body: bytes | None, key: SigningKey,
+         policy: SigningPolicy, *, now: int, body_hash: bytes | None = None) -> bytes:  # fmt: skip
     """Make the value of a DKIM-Signature field (``v=1; a=…; b=…``, CRLF-folded, no name).
 
     ``headers`` are ``(name, value)`` pairs as on the wire: the value is everything after the
-    colon, including the leading space, folding and the final CRLF. ``body`` has CRLF lines.
+    colon, including the leading space, folding and the final CRLF. Give the body either as
+    ``body`` (CRLF lines) or as ``body_hash``, the digest of its canonical form computed while
+    it streamed in (see :func:`body_hash_spec`).
     """
     canon = CanonicalizationPolicy.from_c_value(
         f"{policy.canonicalization[0].value}/{policy.canonicalization[1].value}".encode())
-    if key.key.algorithm is KeyAlgorithm.ED25519:
-        algorithm = SignatureAlgorithm.ED25519_SHA256
-    else:
-        algorithm = policy.rsa_algorithm
+    algorithm = _algorithm(key, policy)
     hasher = hashlib.sha1 if algorithm is SignatureAlgorithm.RSA_SHA1 else hashlib.sha256
-
-    body_hash = base64.b64encode(hasher(canon.canonicalize_body(body)).digest()).decode()
+    if body_hash is None:
+        if body is None:
+            raise ValueError("sign() needs the body or its hash")
+        body_hash = hasher(canon.canonicalize_body(body)).digest()
+    bh = base64.b64encode(body_hash).decode()
     include = signed_header_names([n.decode("ascii", "replace") for n, _v in headers], policy)
     tags: list[tuple[str, str]] = [
         ("v", "1"),
@@ -109,7 +125,7 @@ def sign(headers: Sequence[tuple[bytes, bytes]], body: bytes, key: SigningKey,
     tags.append(("t", str(now)))
     if policy.ttl:
         tags.append(("x", str(now + policy.ttl)))
-    tags += [("h", ":".join(include)), ("bh", _chunks(body_hash)), ("b", "")]
+    tags += [("h", ":".join(include)), ("bh", _chunks(bh)), ("b", "")]
     unsigned = b" " + _fold_tags(tags)
 
     # RFC 6376 §3.7: the selected fields, then this field with an empty b=, without its CRLF.

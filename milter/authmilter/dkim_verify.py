@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import time
 from dataclasses import dataclass
@@ -72,10 +73,13 @@ from enum import Enum
 from typing import Final, Protocol
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
+from authmilter.body_hash import BodyHashes
 from authmilter.errors import DNSNameNotFound, DNSPermError, DNSTempError
 from authmilter.keys import MIN_RSA_BITS, KeyAlgorithm, KeyRecord, KeyRecordError, parse_key_record
 from authmilter.results import DkimOutcome, DkimProblem, DkimResult
@@ -150,39 +154,81 @@ def verify_message(
         if value < 0:
             raise ValueError(f"{name} must not be negative, not {value}")
 
-    verifier: dkim.DKIM | None
     try:
-        verifier = dkim.DKIM(message, minkey=0)
-        headers = [(bytes(name), bytes(value)) for name, value in verifier.headers]
+        parsed, body = dkim.rfc822_parse(message)
+        headers = [(bytes(name), bytes(value)) for name, value in parsed]
         parse_error = ""
     except Exception as exc:  # dkimpy's header parser fails on some malformed headers
-        verifier = None
         headers = _split_header_fields(message)
+        body = b""
         parse_error = _exception_text(exc)
+    bodies = BodyHashes()
+    plan_body_hashes(headers, bodies, max_signatures=max_signatures)
+    bodies.update(body)
+    return verify_fields(headers, bodies, resolver, max_signatures=max_signatures,
+                         minimum_key_bits=minimum_key_bits, clock_drift=clock_drift, now=now,
+                         parse_error=parse_error)  # fmt: skip
 
+
+def _chosen(headers: list[tuple[bytes, bytes]],
+            max_signatures: int) -> list[tuple[int, bytes]] | None:  # fmt: skip
+    """The (index, value) of the signatures to verify; None when there is none at all."""
     signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
     if not signatures:
-        return [DkimOutcome(result=DkimResult.NONE, reason="no signature")]
-
+        return None
     if max_signatures > 0:
-        chosen = list(enumerate(signatures))[:max_signatures]
-    else:
-        author = _author_domain(headers)
-        chosen = [
-            (idx, value)
-            for idx, value in enumerate(signatures)
-            if author is not None and _peek_domain(value) == author
-        ]
-        if not chosen:
-            return [
-                DkimOutcome(
-                    result=DkimResult.NONE,
-                    reason="no signature from the author domain (MaximumSignaturesToVerify 0)",
-                )
-            ]
+        return list(enumerate(signatures))[:max_signatures]
+    author = _author_domain(headers)
+    return [(idx, value) for idx, value in enumerate(signatures)
+            if author is not None and _peek_domain(value) == author]  # fmt: skip
 
+
+def plan_body_hashes(headers: list[tuple[bytes, bytes]], bodies: BodyHashes, *,
+                     max_signatures: int = DEFAULT_MAX_SIGNATURES) -> None:  # fmt: skip
+    """Add to ``bodies`` the body hashes the signatures to verify will need.
+
+    Called at the end of the header, so the body is hashed as it streams in; a signature too
+    broken to say how its body is hashed needs none (it is a permerror anyway).
+    """
+    for _idx, value in _chosen(headers, max_signatures) or []:
+        try:
+            sig = _parse_signature(value, _Fields())
+        except _Verdict:
+            continue
+        bodies.add(sig.body_canon, sig.hash_name, sig.length)
+        bodies.add(sig.body_canon, sig.hash_name, None)  # the full length, for l= checks
+
+
+def verify_fields(
+    headers: list[tuple[bytes, bytes]],
+    bodies: BodyHashes,
+    resolver: TxtLookup,
+    *,
+    max_signatures: int = DEFAULT_MAX_SIGNATURES,
+    minimum_key_bits: int = 1024,
+    clock_drift: int = 300,
+    now: float | None = None,
+    parse_error: str = "",
+) -> list[DkimOutcome]:
+    """Verify the signatures of a message given as header fields plus streamed body hashes.
+
+    ``headers`` are ``(name, value)`` pairs as on the wire (value after the colon, folding and
+    final CRLF kept); ``bodies`` got :func:`plan_body_hashes` before the body was fed to it.
+    Same results as :func:`verify_message`.
+    """
+    chosen = _chosen(headers, max_signatures)
+    if chosen is None:
+        return [DkimOutcome(result=DkimResult.NONE, reason="no signature")]
+    if not chosen:
+        return [
+            DkimOutcome(
+                result=DkimResult.NONE,
+                reason="no signature from the author domain (MaximumSignaturesToVerify 0)",
+            )
+        ]
     context = _Context(
-        verifier=verifier,
+        headers=None if parse_error else headers,
+        bodies=bodies,
         parse_error=parse_error,
         resolver=resolver,
         minimum_key_bits=max(MIN_RSA_BITS, minimum_key_bits),
@@ -201,24 +247,19 @@ def verify_message(
 class _Context:
     """What every signature of one message is checked with."""
 
-    verifier: dkim.DKIM | None
+    headers: list[tuple[bytes, bytes]] | None  # None: the header did not parse
+    bodies: BodyHashes
     parse_error: str
     resolver: TxtLookup
     minimum_key_bits: int
     clock_drift: int
     now: float
-    body_lengths: dict[str, int] | None = None
 
     def canonical_body_length(self, body_canon: str) -> int | None:
         """Octets of the body after ``body_canon`` canonicalization (RFC 6376 §3.4)."""
-        if self.verifier is None:
+        if self.headers is None:
             return None
-        if self.body_lengths is None:
-            self.body_lengths = {}
-        if body_canon not in self.body_lengths:
-            policy = CanonicalizationPolicy.from_c_value(f"{body_canon}/{body_canon}".encode())
-            self.body_lengths[body_canon] = len(policy.canonicalize_body(self.verifier.body))
-        return self.body_lengths[body_canon]
+        return self.bodies.canonical_length(body_canon)
 
 
 @dataclass(slots=True)
@@ -260,7 +301,11 @@ class _Signature:
     domain: str
     selector: str
     identity_domain: str
+    header_canon: str
     body_canon: str
+    body_hash: bytes
+    signature: bytes
+    include_headers: tuple[bytes, ...]
     length: int | None
     timestamp: int | None
     expiration: int | None
@@ -379,11 +424,12 @@ def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
     key_type, hash_name = SIGNATURE_ALGORITHMS[algorithm]
 
     fields.b = _decode_base64("b", tags["b"])
-    _decode_base64("bh", tags["bh"])
+    body_hash = base64.b64decode(_decode_base64("bh", tags["bh"]))
 
     canon = _CANON.fullmatch(tags.get("c", "simple/simple"))
     if canon is None:
         raise _permerror(f"unknown canonicalization c={_excerpt(tags['c'])} (RFC 6376 §3.5)")
+    header_canon = canon.group(1)
     body_canon = canon.group(2) or "simple"  # RFC 6376 §3.5: "c=relaxed" is relaxed/simple
 
     names = [item.strip(_FWS) for item in tags["h"].split(":")]
@@ -417,7 +463,11 @@ def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
         domain=domain,
         selector=selector,
         identity_domain=identity_domain,
+        header_canon=header_canon,
         body_canon=body_canon,
+        body_hash=body_hash,
+        signature=base64.b64decode(fields.b),
+        include_headers=tuple(item.lower().encode("ascii") for item in names),
         length=length,
         timestamp=timestamp,
         expiration=expiration,
@@ -533,13 +583,13 @@ def _compute(
     context: _Context, idx: int, signature: _Signature, key: KeyRecord, fields: _Fields
 ) -> DkimOutcome:
     """Run the cryptography and turn its answer into the RFC result."""
-    if context.verifier is None:
+    if context.headers is None:
         raise _permerror(f"message header not parseable: {context.parse_error}")
     try:
-        crypto = _dkimpy_verify(context.verifier, idx, _dkimpy_key_record(key))
-    except _DkimpyError as exc:
-        # Never raise for hostile input: whatever dkimpy rejects that the checks above did
-        # not is a permerror for this one signature.
+        crypto = _crypto_verify(context, idx, signature, key)
+    except _CryptoError as exc:
+        # Never raise for hostile input: whatever the libraries reject that the checks above
+        # did not is a permerror for this one signature.
         raise _permerror(f"verifier error: {exc}") from None
 
     if crypto is _Crypto.BODY_MISMATCH:
@@ -575,7 +625,7 @@ def _compute(
 
 
 # --------------------------------------------------------------------------------------------
-# The cryptography (dkimpy): one function, so it can be swapped for `cryptography` later
+# The cryptography: dkimpy canonicalizes and selects the header fields, OpenSSL checks
 # --------------------------------------------------------------------------------------------
 
 
@@ -585,56 +635,54 @@ class _Crypto(Enum):
     SIGNATURE_MISMATCH = "signature mismatch"
 
 
-class _DkimpyError(Exception):
-    """dkimpy raised something the checks before it did not foresee."""
+class _CryptoError(Exception):
+    """A library raised something the checks before it did not foresee."""
 
 
-def _dkimpy_key_record(key: KeyRecord) -> bytes:
-    """Rebuild a checked key as a minimal record that dkimpy parses without surprises.
+_PREHASHED = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
 
-    dkimpy compares ``s=`` as a whole string (``s=email:tlsrpt`` leaves it without a key),
-    ``k=`` case-sensitively, and wants an RSA key as SubjectPublicKeyInfo; the record it gets
-    is ``v=DKIM1; k=<type>; p=<base64>`` rebuilt from the key this module already parsed.
+
+def _crypto_verify(context: _Context, idx: int, signature: _Signature,
+                   key: KeyRecord) -> _Crypto:  # fmt: skip
+    """RFC 6376 §3.7: compare the streamed body hash, hash the signed header fields with
+    dkimpy's canonicalization and selection, and check the signature with OpenSSL.
+
+    :raises _CryptoError: an unexpected failure (reported as permerror by the caller).
     """
-    public = key.public_key()
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    else:
-        raw = public.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    return b"v=DKIM1; k=" + key.key_type.value.encode() + b"; p=" + base64.b64encode(raw)
-
-
-def _dkimpy_verify(verifier: dkim.DKIM, idx: int, key_record: bytes) -> _Crypto:
-    """Canonicalize, hash and check signature ``idx`` of the message with dkimpy.
-
-    dkimpy's ``verify()`` looks the key up through ``dnsfunc``; ours serves the record
-    already fetched and checked, so DNS errors cannot arise in here.
-
-    :raises _DkimpyError: dkimpy raised (the text says what), or refused the key.
-    """
-
-    def dnsfunc(name: bytes, timeout: float = 5.0) -> bytes:
-        del name, timeout
-        return key_record
-
-    verifier.pk = None
-    verifier.ktag = None
+    assert context.headers is not None
+    body = context.bodies.get(signature.body_canon, signature.hash_name, signature.length)
+    if body is None:
+        raise _CryptoError("the body hash for this signature was not planned")
+    if body.digest() != signature.body_hash:
+        return _Crypto.BODY_MISMATCH
     try:
-        verified = bool(verifier.verify(idx=idx, dnsfunc=dnsfunc))
-    except dkim.ValidationError as exc:
-        if str(exc).startswith("body hash mismatch"):
-            return _Crypto.BODY_MISMATCH
-        raise _DkimpyError(_exception_text(exc)) from None
+        sig_header = [(n, v) for n, v in context.headers if n.lower() == b"dkim-signature"][idx]
+        policy = CanonicalizationPolicy.from_c_value(
+            f"{signature.header_canon}/{signature.body_canon}".encode())
+        include = list(signature.include_headers)
+        if b"from" in include:
+            # As dkimpy (its bug #644046): one more From than signed is selected, so a From
+            # field added after signing makes the signature fail.
+            include.append(b"from")
+        hasher = hashlib.new(signature.hash_name)
+        dkim.hash_headers(hasher, policy, policy.canonicalize_headers(context.headers),
+                          include, sig_header, None)  # fmt: skip
+        digest = hasher.digest()
+        public = key.public_key()
+        if isinstance(public, rsa.RSAPublicKey):
+            prehashed = Prehashed(_PREHASHED[signature.hash_name]())
+            public.verify(signature.signature, digest, padding.PKCS1v15(), prehashed)
+        elif isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature.signature, digest)  # RFC 8463 §3: over the SHA-256 hash
+        else:
+            raise _CryptoError(f"unsupported public key type {type(public).__name__}")
+    except InvalidSignature:
+        return _Crypto.SIGNATURE_MISMATCH
+    except _CryptoError:
+        raise
     except Exception as exc:  # hostile input must not escape; see verify_message
-        raise _DkimpyError(_exception_text(exc)) from None
-    if verified:
-        return _Crypto.VERIFIED
-    if verifier.ktag is None:
-        # verify_sig() swallows key errors and returns False: not a signature mismatch.
-        raise _DkimpyError("dkimpy did not accept the public key")
-    return _Crypto.SIGNATURE_MISMATCH
+        raise _CryptoError(_exception_text(exc)) from None
+    return _Crypto.VERIFIED
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,18 +9,18 @@ from __future__ import annotations
 import email.utils
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO, Protocol
+from typing import Protocol
 
 from authmilter import authresults, dmarc
+from authmilter.body_hash import BodyHashes
 from authmilter.config import Action, Config, SignatureAlgorithm
 from authmilter.datasets import Dataset, HostList, open_dataset
-from authmilter.dkim_sign import SigningPolicy, sign
-from authmilter.dkim_verify import TxtLookup, verify_message
+from authmilter.dkim_sign import SigningPolicy, body_hash_spec, sign
+from authmilter.dkim_verify import TxtLookup, plan_body_hashes, verify_fields
 from authmilter.errors import AuthmilterError, ConfigError
 from authmilter.keys import KeyAlgorithm
 from authmilter.keytable import KeyStore, SigningKey
@@ -48,8 +48,6 @@ from authmilter.spf_check import (
 
 #: Macros every transaction wants from the MTA (names without braces).
 BASE_MACROS = ("i", "j", "daemon_name", "auth_type", "auth_authen")
-#: Bodies larger than this are spooled to disk while they stream in.
-SPOOL_THRESHOLD = 1 << 20
 
 
 # -- actions the adapter applies ------------------------------------------------------------
@@ -301,9 +299,11 @@ class Transaction:
         self.spf_header: AddHeader | None = None
         self.headers: list[tuple[str, bytes]] = []
         self.header_bytes = 0
-        # Closed by close() (eom or abort); a context manager cannot span the callbacks.
-        self._body: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=SPOOL_THRESHOLD, dir=self.ctx.config.temporary_directory)
+        # The body is never kept: it is hashed as it streams in, for signing or verifying,
+        # by the hashes planned at the end of the header (memory stays flat for any size).
+        self.bodies: BodyHashes | None = None
+        self.sign_keys: list[SigningKey] = []
+        self.sign_error: str | None = None
 
     # -- events --------------------------------------------------------------------------------
 
@@ -373,13 +373,34 @@ class Transaction:
         self.headers.append((name, value))
         self.header_bytes += len(name) + len(value) + 3
 
+    def eoh(self) -> None:
+        """End of the header: decide sign or verify, and plan the body hashes either needs."""
+        if self.bodies is not None:
+            return
+        self.bodies = BodyHashes()
+        cfg = self.ctx.config
+        author = self.author_address()
+        if cfg.signing and author is not None and self.originating():
+            try:
+                self.sign_keys = self.ctx.keys.keys_for(author)
+            except AuthmilterError as e:
+                self.sign_error = str(e)
+        for key in self.sign_keys:
+            self.bodies.add(*body_hash_spec(key, self.ctx.signing_policy))
+        if not self.sign_keys and cfg.verifying:
+            plan_body_hashes(self.wire_headers(), self.bodies,
+                             max_signatures=cfg.maximum_signatures_to_verify)  # fmt: skip
+
     def body(self, chunk: bytes) -> None:
         """A piece of the body (CRLF line ends, as the milter protocol carries it)."""
-        self._body.write(chunk)
+        if self.bodies is None:
+            self.eoh()
+        assert self.bodies is not None
+        self.bodies.update(chunk)
 
     def close(self) -> None:
-        """Release the body spool."""
-        self._body.close()
+        """Drop the body hashes (the transaction is over or aborted)."""
+        self.bodies = None
 
     # -- the decision --------------------------------------------------------------------------
 
@@ -401,16 +422,13 @@ class Transaction:
                            log=f"{qid}: header block of {self.header_bytes} bytes exceeds "
                                f"MaximumHeaders {limit}, action=reject")  # fmt: skip
 
-        keys: list[SigningKey] = []
+        self.eoh()  # a no-op when the adapter called it already
         author = self.author_address()
         originating = self.originating()
-        if cfg.signing and originating and author is not None:
-            try:
-                keys = self.ctx.keys.keys_for(author)
-            except AuthmilterError as e:
-                return self._sign_error(qid, edits, str(e))
-        if keys:
-            return self._sign(qid, edits, keys)
+        if self.sign_error is not None:
+            return self._sign_error(qid, edits, self.sign_error)
+        if self.sign_keys:
+            return self._sign(qid, edits, self.sign_keys)
         return self._inbound(qid, edits, originating, author)
 
     def originating(self) -> bool:
@@ -442,13 +460,17 @@ class Transaction:
     def _sign(self, qid: str, edits: list[AddHeader | DeleteHeader],
               keys: Iterable[SigningKey]) -> Verdict:  # fmt: skip
         wire = self.wire_headers()
-        body = self._read_body()
+        assert self.bodies is not None
         now = int(self.ctx.clock())
         added: list[AddHeader] = []
         described = []
         for key in keys:
             try:
-                value = sign(wire, body, key, self.ctx.signing_policy, now=now)
+                spec = body_hash_spec(key, self.ctx.signing_policy)
+                bh = self.bodies.get(*spec)
+                assert bh is not None
+                value = sign(wire, None, key, self.ctx.signing_policy, now=now,
+                             body_hash=bh.digest())  # fmt: skip
             except Exception as e:  # noqa: BLE001 - a key/library failure must not lose mail
                 return self._sign_error(qid, edits, f"signing with {key.keyname} failed: {e}")
             added.append(AddHeader("DKIM-Signature", _milter_folding(value)))
@@ -496,8 +518,9 @@ class Transaction:
         outcomes: list[DkimOutcome] = []
         dkim_action, dkim_why, problem = Action.ACCEPT, "", None
         if cfg.verifying:
-            outcomes = verify_message(
-                self.wire_message(), self.ctx.resolver,
+            assert self.bodies is not None
+            outcomes = verify_fields(
+                self.wire_headers(), self.bodies, self.ctx.resolver,
                 max_signatures=cfg.maximum_signatures_to_verify,
                 minimum_key_bits=cfg.minimum_key_bits,
                 clock_drift=cfg.clock_drift,
@@ -617,15 +640,6 @@ class Transaction:
                 v = b" " + v  # without HDR_LEADSPC the MTA removed one space after the colon
             out.append((name.encode("ascii", "surrogateescape"), v + b"\r\n"))
         return out
-
-    def _read_body(self) -> bytes:
-        self._body.seek(0)
-        return self._body.read()
-
-    def wire_message(self) -> bytes:
-        """The whole message as the MTA has it: headers, blank line, body."""
-        head = b"".join(n + b":" + v for n, v in self.wire_headers())
-        return head + b"\r\n" + self._read_body()
 
     def _forged_ar_removals(self) -> Iterable[DeleteHeader]:
         """RFC 8601 §5: every incoming A-R claiming our authserv-id goes, bottom-up."""

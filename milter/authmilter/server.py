@@ -169,6 +169,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         """End of headers."""
         if self.txn is not None:
             self.txn.update_macros(self._macros())
+            self.txn.eoh()
         return int(Milter.CONTINUE)
 
     @guarded
