@@ -50,10 +50,25 @@ def guarded(func: F) -> F:
         try:
             return func(self, *args)
         except Exception:  # noqa: BLE001 - the last-resort handler of the adapter
-            qid = self.macro("i") or "NOQUEUE"
-            log.error("%s: internal error in %s:\n%s", qid, func.__name__,
-                      traceback.format_exc().rstrip())  # fmt: skip
+            self._log_internal_error(func.__name__)
             return self.internal_error()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def deferred(func: F) -> F:
+    """For callbacks negotiated without a reply (``@Milter.noreply``: the MTA does not wait,
+    which saves a round trip per header and body chunk): an exception is logged and the
+    ``On-InternalError`` answer is given at end of message instead."""
+
+    @functools.wraps(func)
+    def wrapper(self: AuthMilter, *args: Any) -> int:
+        try:
+            return func(self, *args)
+        except Exception:  # noqa: BLE001 - the last-resort handler of the adapter
+            self._log_internal_error(func.__name__)
+            self.failed = True
+            return int(Milter.CONTINUE)
 
     return wrapper  # type: ignore[return-value]
 
@@ -66,6 +81,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         self.ctx = ctx
         self.conn: Connection | None = None
         self.txn: Transaction | None = None
+        self.failed = False  # a no-reply callback of this message raised
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -79,6 +95,10 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
 
     def _macros(self) -> dict[str, str | None]:
         return {name: self.macro(name) for name in self.ctx.macro_names()}
+
+    def _log_internal_error(self, where: str) -> None:
+        qid = self.macro("i") or "NOQUEUE"
+        log.error("%s: internal error in %s:\n%s", qid, where, traceback.format_exc().rstrip())
 
     def internal_error(self) -> int:
         """Answer with the configured ``On-InternalError`` action (default tempfail)."""
@@ -117,7 +137,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
             return int(Milter.ACCEPT)
         return int(Milter.CONTINUE)
 
-    @guarded
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    @deferred
     def hello(self, heloname: str) -> int:
         """HELO/EHLO."""
         if self.conn is not None:
@@ -129,6 +150,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         """MAIL FROM: a new transaction (the previous one, if any, is over)."""
         assert self.conn is not None
         self._drop_transaction()
+        self.failed = False
         self.txn = self.conn.transaction()
         self.txn.update_macros(self._macros())
         self.txn.envfrom(mailfrom)
@@ -156,15 +178,17 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         """libmilter reads the text as a format: a lone ``%`` must be doubled."""
         self.setreply(reply.code, reply.xcode, reply.text.replace("%", "%%"))
 
+    @Milter.noreply  # type: ignore[untyped-decorator]
     @Milter.decode("bytes")  # type: ignore[untyped-decorator]
-    @guarded
+    @deferred
     def header(self, name: str, value: bytes) -> int:
         """One header field, raw bytes with leading space and folding (DKIM needs them)."""
         if self.txn is not None:
             self.txn.header(name, value)
         return int(Milter.CONTINUE)
 
-    @guarded
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    @deferred
     def eoh(self) -> int:
         """End of headers."""
         if self.txn is not None:
@@ -172,7 +196,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
             self.txn.eoh()
         return int(Milter.CONTINUE)
 
-    @guarded
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    @deferred
     def body(self, chunk: bytes) -> int:
         """A body chunk."""
         if self.txn is not None:
@@ -182,6 +207,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
     @guarded
     def eom(self) -> int:
         """End of message: decide and apply."""
+        if self.failed:
+            return self.internal_error()
         if self.txn is None:
             return int(Milter.ACCEPT)
         self.txn.update_macros(self._macros())
