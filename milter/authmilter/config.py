@@ -316,8 +316,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("SyslogFacility", Kind.STRING, "mail", B, S, "Syslog facility name."),
     _d("SyslogName", Kind.STRING, "authmilter", D, S, "Syslog identifier."),
     _d("SyslogSuccess", Kind.BOOL, False, D, S, "Also log successful signing/verification."),
-    _d("TemporaryDirectory", Kind.STRING, None, D, S,
-       "Where large message bodies are spooled (default: the system temp directory)."),
+    _d("TemporaryDirectory", Kind.STRING, None, D, IG,
+       "Not needed: no message body is stored, its hashes are computed as it streams in."),
     _d("TestDNSData", Kind.DATASET, None, D, IG, "Tests use a real DNS server."),
     _d("TestPublicKeys", Kind.STRING, None, D, IG, "Tests use a real DNS server."),
     _d("TrustAnchorFile", Kind.STRING, None, D, R, "DNSSEC trust anchors of libunbound."),
@@ -498,7 +498,6 @@ class Config:
     syslog_facility: str = "mail"
     syslog_name: str = "authmilter"
     syslog_success: bool = False
-    temporary_directory: str | None = None
     umask: int | None = None
     user_id: str | None = None
     # OpenDMARC

@@ -32,6 +32,7 @@ import dns.rdtypes.IN.AAAA
 import dns.rdtypes.txtbase
 import spf
 
+from authmilter.config import DEFAULT_REASON_MESSAGE, DEFAULT_SKIP_ADDRESSES
 from authmilter.errors import DNSError, DNSNameNotFound, DNSPermError, DNSTempError
 from authmilter.results import SpfIdentity, SpfOutcome, SpfResult
 
@@ -55,9 +56,7 @@ __all__ = [
 ]
 
 #: policyd-spf's default ``Reason_Message``.
-DEFAULT_REASON_MESSAGE = "Message {rejectdefer} due to: {spf}. Please see {url}"
 #: policyd-spf's default ``skip_addresses``.
-DEFAULT_SKIP_ADDRESSES = ("127.0.0.0/8", "::ffff:127.0.0.0/104", "::1")
 #: The record ``No_Mail`` looks for: the domain sends no mail at all.
 NO_MAIL_RECORD = "v=spf1 -all"
 #: What policyd-spf writes for a receiver it does not know or hides (``Hide_Receiver``).
