@@ -95,3 +95,55 @@ def test_sigterm_stops_every_worker_and_removes_the_socket(stack) -> None:
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     assert not milter.socket_path.exists()
+
+
+def authserv_ids(delivered: bytes) -> list[str]:
+    import email
+
+    msg = email.message_from_bytes(delivered)
+    return [str(v).split(";")[0].strip() for v in msg.get_all("Authentication-Results") or []]
+
+
+def test_sighup_reloads_config_without_dropping_mail_and_a_bad_reload_keeps_the_old(
+        stack) -> None:  # fmt: skip
+    milter, postfix = stack
+    assert milter.proc is not None
+    send_many(postfix, 2)
+    assert authserv_ids(postfix.wait_delivered(2)[-1]) == ["workers.test"]
+    milter.conf_path.write_text(milter.conf_path.read_text().replace(
+        "AuthservID workers.test", "AuthservID reloaded.test"))
+    old_workers = children(milter.proc.pid)
+    # Mail keeps flowing while the workers are replaced: none of it is refused.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sending = pool.submit(send_many, postfix, 30)
+        time.sleep(0.2)
+        os.kill(milter.proc.pid, signal.SIGHUP)
+        sending.result(timeout=120)
+    milter.wait_log("reloaded: the workers take the new configuration")
+    delivered = postfix.wait_delivered(32, timeout=60)
+    assert len(delivered) == 32
+    send_many(postfix, 1)
+    assert authserv_ids(postfix.wait_delivered(33)[-1]) == ["reloaded.test"]
+    assert set(old_workers) == set(children(milter.proc.pid))  # no worker was stopped
+
+    milter.conf_path.write_text(milter.conf_path.read_text() + "Canonicalisation relaxed\n")
+    os.kill(milter.proc.pid, signal.SIGUSR1)
+    log = milter.wait_log("reload failed, keeping the running configuration")
+    assert "unknown directive 'Canonicalisation'" in log
+    send_many(postfix, 1)
+    assert authserv_ids(postfix.wait_delivered(34)[-1]) == ["reloaded.test"]
+
+
+def test_workers_stop_when_the_supervisor_is_killed(stack) -> None:  # fmt: skip
+    milter, _postfix = stack
+    assert milter.proc is not None
+    workers = children(milter.proc.pid)
+    assert len(workers) == 2
+    milter.kill()  # SIGKILL: the parent cannot forward anything
+    deadline = time.monotonic() + 30
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists()
+                 and " Z " not in Path(f"/proc/{p}/stat").read_text()]  # fmt: skip
+    assert alive == [], "orphaned workers keep running"

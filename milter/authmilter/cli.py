@@ -17,7 +17,7 @@ from authmilter.config import Config, Loaded, effective_lines, load_config, load
 from authmilter.errors import AuthmilterError, ConfigError
 
 if TYPE_CHECKING:
-    from authmilter.pipeline import Context
+    from authmilter.pipeline import Context  # noqa: F401 - annotations only
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -138,7 +138,13 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     loaded = load_from_args(ns, sys.stderr)
     ctx = build_context(loaded.config, sys.stderr)
-    return serve(loaded.config, ctx)
+
+    def reload() -> tuple[Config, Context]:
+        # The same files, read again (as the unprivileged user, after UserID).
+        again = load_from_args(ns, sys.stderr)
+        return again.config, build_context(again.config, sys.stderr)
+
+    return serve(loaded.config, ctx, reload)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

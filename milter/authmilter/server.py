@@ -8,19 +8,21 @@ loses mail: it is logged with its traceback and answered with ``On-InternalError
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import grp
 import importlib
 import logging
 import logging.handlers
+import multiprocessing.sharedctypes
 import os
 import pwd
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
-from functools import partial
 from typing import Any, TypeVar
 
 import Milter
@@ -305,16 +307,15 @@ def _socket_path(spec: str) -> str | None:
     return spec.partition(":")[2] if spec.startswith("local:") else None
 
 
-def serve(cfg: Config, ctx: Context) -> int:
+def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
     """Open the socket, drop privileges, and serve until SIGTERM/SIGINT; returns the exit code.
 
-    libmilter stops on SIGTERM, SIGINT or SIGHUP after the connections in flight are done; the
-    pid file and a UNIX socket are removed on the way out.
+    The workers finish the connections in flight; the pid file and a UNIX socket are removed
+    on the way out. SIGHUP/SIGUSR1 call ``reload`` (see :class:`Supervisor`).
     """
     setup_logging(cfg)
     if cfg.umask is not None:
         os.umask(cfg.umask)
-    Milter.factory = partial(AuthMilter, ctx)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     # The libmilter callbacks are registered by runmilter's set-up; we open the socket
     # ourselves so privileges can be dropped after binding (and after the keys were read).
@@ -339,12 +340,12 @@ def serve(cfg: Config, ctx: Context) -> int:
     workers = cfg.workers or os.cpu_count() or 1
     log.info("listening on %s (authserv-id %s, %d worker%s)", cfg.socket, ctx.authserv_id,
              workers, "" if workers == 1 else "s")  # fmt: skip
+    def work(_worker_ctx: Context, generation: Generation) -> None:
+        Milter.factory = lambda: AuthMilter(generation.current())
+        libmilter.main()
+
     try:
-        if workers == 1:
-            libmilter.main()
-            code = 0
-        else:
-            code = Supervisor(workers, libmilter.main).run()
+        code = Supervisor(workers, work, ctx, reload).run()
     finally:
         log.info("stopped")
         for path in (pid_file, _socket_path(cfg.socket)):
@@ -354,23 +355,79 @@ def serve(cfg: Config, ctx: Context) -> int:
     return code
 
 
+#: What a reload builds: the new configuration and context, or raises why it cannot.
+Reloader = Callable[[], tuple[Config, Context]]
+
+
+class Generation:
+    """A reload counter in memory shared by the parent and its workers, and the worker's
+    current context, which the connection factory consults."""
+
+    def __init__(self, reload: Reloader | None) -> None:
+        self._shared = multiprocessing.sharedctypes.RawValue(ctypes.c_ulonglong, 0)
+        self._reload = reload
+        self._seen = 0
+        self._ctx: Context | None = None
+        self._lock = threading.Lock()
+
+    def bump(self) -> None:
+        """Parent: a new configuration is ready."""
+        self._shared.value += 1
+
+    def adopt(self, ctx: Context) -> None:
+        """Worker, at start: this context is current."""
+        self._ctx = ctx
+        self._seen = self._shared.value
+
+    def current(self) -> Context:
+        """Worker, for each new connection: the context, reloaded first if the parent did."""
+        with self._lock:
+            assert self._ctx is not None
+            wanted = self._shared.value
+            if wanted != self._seen and self._reload is not None:
+                self._seen = wanted
+                try:
+                    _cfg, self._ctx = self._reload()
+                    log.info("worker %d: configuration reloaded", os.getpid())
+                except Exception as e:  # noqa: BLE001 - keep serving with what works
+                    log.error("worker %d: reload failed, keeping the running configuration: %s",
+                              os.getpid(), e)  # fmt: skip
+            return self._ctx
+
+#: Directives a reload cannot change (OpenDKIM's list, opendkim(8)): they need a restart.
+NOT_RELOADABLE = ("socket", "user_id", "pid_file", "umask", "workers", "syslog",
+                  "syslog_facility", "syslog_name")  # fmt: skip
+
+
 class Supervisor:
-    """Worker processes sharing the one listening socket (libmilter runs a thread per
-    connection under one GIL; processes use every core).
+    """The parent process: worker processes sharing the one listening socket (libmilter runs a
+    thread per connection under one GIL; processes use every core), reloads, and stopping.
 
     The socket is opened before forking, so every worker's libmilter accepts on it and the
     kernel spreads connections. A worker that dies is replaced; one that keeps dying (more than
     ``MAX_RESTARTS`` in ``RESTART_WINDOW`` seconds) stops the whole service, so a broken
     configuration does not spin. SIGTERM/SIGINT are passed to the workers, which finish the
     connections in flight.
+
+    SIGHUP or SIGUSR1 (OpenDKIM's) reloads: the parent reads the configuration, tables and keys
+    again; if that works it bumps a generation number in shared memory, and each worker reads
+    them again itself when its next connection arrives. Connections in flight keep the
+    configuration they started with, and no worker stops, so nothing is refused (stopping
+    libmilter aborts its open sessions). A reload that fails keeps the running configuration
+    and logs why.
     """
 
     MAX_RESTARTS = 10
     RESTART_WINDOW = 60.0
+    SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
-    def __init__(self, count: int, work: Callable[[], object]) -> None:
+    def __init__(self, count: int, work: Callable[[Context, Generation], object],
+                 ctx: Context, reload: Reloader | None = None) -> None:  # fmt: skip
         self.count = count
         self.work = work
+        self.ctx = ctx
+        self.reload = reload
+        self.generation = Generation(reload)
         self.children: set[int] = set()
         self.stopping = False
         self.restarts: list[float] = []
@@ -380,9 +437,12 @@ class Supervisor:
         if pid == 0:  # the worker
             code = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                _die_with_parent()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                     signal.signal(sig, signal.SIG_DFL)
-                self.work()
+                self.generation.adopt(self.ctx)
+                self.work(self.ctx, self.generation)
                 code = 0
             except BaseException:  # noqa: BLE001 - report, and leave the restart to the parent
                 log.error("worker %d failed:\n%s", os.getpid(), traceback.format_exc())
@@ -391,23 +451,40 @@ class Supervisor:
                 os._exit(code)
         self.children.add(pid)
 
-    def _stop(self, signum: int, _frame: object) -> None:
-        self.stopping = True
-        for pid in list(self.children):
+    def _signal_all(self, pids: set[int]) -> None:
+        for pid in list(pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    def run(self) -> int:
-        """Start the workers and keep them running until told to stop; the exit code."""
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
-        # SIGHUP would kill a Python parent by default; reloading is not implemented yet.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        for _ in range(self.count):
-            self._spawn()
-        code = 0
-        while self.children:
-            pid, status = os.wait()
+    def _stop(self) -> None:
+        self.stopping = True
+        self._signal_all(self.children)
+
+    def _reload(self) -> None:
+        if self.reload is None:
+            log.info("reload requested, but this process cannot reload; ignored")
+            return
+        try:
+            cfg, ctx = self.reload()
+        except Exception as e:  # noqa: BLE001 - any failure keeps the running configuration
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return
+        old = self.ctx.config
+        for name in NOT_RELOADABLE:
+            if getattr(old, name) != getattr(cfg, name):
+                log.warning("reload: %s changed; it takes effect after a restart", name)
+        self.ctx = ctx
+        self.generation.bump()
+        log.info("reloaded: the workers take the new configuration on their next connection")
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
             if pid not in self.children:
                 continue
             self.children.discard(pid)
@@ -419,11 +496,35 @@ class Supervisor:
             if len(self.restarts) > self.MAX_RESTARTS:
                 log.error("workers keep dying: %d restarts in %.0f s; stopping",
                           len(self.restarts), self.RESTART_WINDOW)  # fmt: skip
-                self._stop(signal.SIGTERM, None)
-                code = 1
+                self.code = 1
+                self._stop()
                 continue
             self._spawn()
-        return code
+
+    def run(self) -> int:
+        """Start the workers and serve signals until every worker is gone; the exit code."""
+        self.code = 0
+        # Signals are taken synchronously (sigwaitinfo), never in the middle of a fork.
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        for _ in range(self.count):
+            self._spawn()
+        while self.children:
+            info = signal.sigwaitinfo(self.SIGNALS)
+            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                self._stop()
+            elif info.si_signo in (signal.SIGHUP, signal.SIGUSR1) and not self.stopping:
+                self._reload()
+            self._reap()
+        return self.code
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the supervisor dies, even by SIGKILL, so no orphan
+    keeps serving a socket nobody manages."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _describe_status(status: int) -> str:
