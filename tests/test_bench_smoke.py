@@ -26,6 +26,8 @@ def table_rows(output: str) -> dict[str, dict[str, str]]:
     rows = {}
     for line in lines[1:]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if set(cells[0]) <= {"-", ":"}:
+            continue  # the separator row
         rows[cells[0]] = dict(zip(header, cells, strict=True))
     return rows
 
