@@ -163,7 +163,6 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         """RCPT TO: where SPF rejects or defers, as policyd-spf did."""
         if self.txn is None:
             return int(Milter.CONTINUE)
-        self.txn.update_macros(self._macros())
         reply = self.txn.rcpt(to)
         if reply is None:
             return int(Milter.CONTINUE)
@@ -194,7 +193,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
     def eoh(self) -> int:
         """End of headers."""
         if self.txn is not None:
-            self.txn.update_macros(self._macros())
+            # Macros were read at connect and MAIL FROM (daemon, SMTP AUTH); {i} at the end.
             self.txn.eoh()
         return int(Milter.CONTINUE)
 

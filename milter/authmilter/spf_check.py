@@ -15,6 +15,7 @@ The rest follows policyd-spf (``postfix-policyd-spf-python`` 3.0): :func:`decide
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -734,13 +735,21 @@ def _in_networks(
     if isinstance(address, ipaddress.IPv4Address):
         candidates.append(ipaddress.IPv6Address(f"::ffff:{address}"))
     for entry in entries:
-        try:
-            network = _network(entry)
-        except ValueError:
+        network = _cached_network(entry)
+        if network is None:
             continue
         if any(c.version == network.version and c in network for c in candidates):
             return entry
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """A list entry parsed once (the lists are configuration: parsing per message is waste)."""
+    try:
+        return _network(entry)
+    except ValueError:
+        return None
 
 
 def _helo_confirmed(
