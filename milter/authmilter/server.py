@@ -418,6 +418,10 @@ class Supervisor:
 
     MAX_RESTARTS = 10
     RESTART_WINDOW = 60.0
+    #: How long workers get to finish after SIGTERM before they are killed. libmilter
+    #: normally stops within its 5 s polling interval; rarely it deadlocks in its stop path
+    #: (seen under load), and a service must stop all the same.
+    STOP_GRACE = 15.0
     SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
     def __init__(self, count: int, work: Callable[[Context, Generation], object],
@@ -429,6 +433,7 @@ class Supervisor:
         self.generation = Generation(reload)
         self.children: set[int] = set()
         self.stopping = False
+        self.stop_deadline = float("inf")
         self.restarts: list[float] = []
 
     def _spawn(self) -> None:
@@ -456,6 +461,8 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
 
     def _stop(self) -> None:
+        if not self.stopping:
+            self.stop_deadline = time.monotonic() + self.STOP_GRACE
         self.stopping = True
         self._signal_all(self.children)
 
@@ -508,22 +515,32 @@ class Supervisor:
         for _ in range(self.count):
             self._spawn()
         while self.children:
-            info = signal.sigwaitinfo(self.SIGNALS)
-            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+            info = signal.sigtimedwait(self.SIGNALS, 1.0)
+            if info is None:
+                pass
+            elif info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 self._stop()
             elif info.si_signo in (signal.SIGHUP, signal.SIGUSR1) and not self.stopping:
                 self._reload()
             self._reap()
+            if self.stopping and self.children and time.monotonic() > self.stop_deadline:
+                log.error("workers %s did not stop within %.0f s; killing them",
+                          sorted(self.children), self.STOP_GRACE)  # fmt: skip
+                for pid in list(self.children):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.stop_deadline = float("inf")
         return self.code
 
 
 def _die_with_parent() -> None:
-    """Linux: a worker gets SIGTERM when the supervisor dies, even by SIGKILL, so no orphan
-    keeps serving a socket nobody manages."""
+    """Linux: a worker is killed when the supervisor dies, even by SIGKILL, so no orphan keeps
+    serving a socket nobody manages. SIGKILL, not SIGTERM: with its parent gone nobody would
+    notice a worker stuck in libmilter's stop path."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _describe_status(status: int) -> str:
