@@ -17,7 +17,7 @@ from typing import Protocol
 
 from authmilter import authresults, dmarc
 from authmilter.body_hash import BodyHashes
-from authmilter.config import Action, Config, SignatureAlgorithm
+from authmilter.config import Action, Config, DatasetSpec, SignatureAlgorithm
 from authmilter.datasets import Dataset, HostList, open_dataset
 from authmilter.dkim_sign import SigningPolicy, body_hash_spec, sign
 from authmilter.dkim_verify import TxtLookup, plan_body_hashes, verify_fields
@@ -168,12 +168,9 @@ class Context:
         :raises ConfigError: for an unusable dataset or key.
         """
 
-        def hosts(spec: object) -> HostList | None:
+        def hosts(spec: DatasetSpec | None) -> HostList | None:
             if spec is None:
                 return None
-            from authmilter.config import DatasetSpec
-
-            assert isinstance(spec, DatasetSpec)
             return HostList.from_dataset(open_dataset(spec.spec, where=spec.where))
 
         internal = hosts(cfg.internal_hosts)
@@ -302,6 +299,10 @@ class Transaction:
         # The body is never kept: it is hashed as it streams in, for signing or verifying,
         # by the hashes planned at the end of the header (memory stays flat for any size).
         self.bodies: BodyHashes | None = None
+        # Decided once at the end of the header (no header field comes after it).
+        self.author: str | None = None
+        self.is_originating = False
+        self._wire: list[tuple[bytes, bytes]] | None = None
         self.sign_keys: list[SigningKey] = []
         self.sign_error: str | None = None
 
@@ -379,8 +380,10 @@ class Transaction:
             return
         self.bodies = BodyHashes()
         cfg = self.ctx.config
-        author = self.author_address()
-        if cfg.signing and author is not None and self.originating():
+        self.author = author = self.author_address()
+        self.is_originating = self.originating()
+        self._wire = self.wire_headers()
+        if cfg.signing and author is not None and self.is_originating:
             try:
                 self.sign_keys = self.ctx.keys.keys_for(author)
             except AuthmilterError as e:
@@ -388,7 +391,7 @@ class Transaction:
         for key in self.sign_keys:
             self.bodies.add(*body_hash_spec(key, self.ctx.signing_policy))
         if not self.sign_keys and cfg.verifying:
-            plan_body_hashes(self.wire_headers(), self.bodies,
+            plan_body_hashes(self._wire, self.bodies,
                              max_signatures=cfg.maximum_signatures_to_verify)  # fmt: skip
 
     def body(self, chunk: bytes) -> None:
@@ -423,8 +426,7 @@ class Transaction:
                                f"MaximumHeaders {limit}, action=reject")  # fmt: skip
 
         self.eoh()  # a no-op when the adapter called it already
-        author = self.author_address()
-        originating = self.originating()
+        author, originating = self.author, self.is_originating
         if self.sign_error is not None:
             return self._sign_error(qid, edits, self.sign_error)
         if self.sign_keys:
@@ -632,6 +634,8 @@ class Transaction:
 
     def wire_headers(self) -> list[tuple[bytes, bytes]]:
         """Headers as on the wire: ``(name, value)``, value with CRLF folding and final CRLF."""
+        if self._wire is not None:
+            return self._wire
         out = []
         restore = not self.conn.leading_space
         for name, value in self.headers:
