@@ -41,8 +41,9 @@ how often DNS was asked. There is no cache here.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import dns.exception
 import dns.name
@@ -93,6 +94,7 @@ class ZoneResolver:
         self._lock = threading.Lock()
         self.queries = 0
         self.query_log: list[tuple[str, str]] = []
+        self.deadlines: list[float] = []
         self.add_zone(zone_text, origin)
 
     @classmethod
@@ -173,6 +175,15 @@ class ZoneResolver:
             for rdata in self.query(name, "TXT")
             if isinstance(rdata, dns.rdtypes.txtbase.TXTBase)
         ]
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """The per-stage budget of :meth:`authmilter.resolver.Resolver.deadline`: zone answers
+        take no time, so only the budgets asked for are recorded (in ``deadlines``)."""
+        if not seconds > 0:
+            raise ValueError(f"DNS deadline must be positive, not {seconds}")
+        self.deadlines.append(seconds)
+        yield
 
     def dkimpy_dnsfunc(self, name: bytes | str, timeout: float = 5.0) -> bytes | None:
         """Serve dkimpy's ``dnsfunc=`` as :meth:`authmilter.resolver.Resolver.dkimpy_dnsfunc`."""

@@ -8,7 +8,8 @@ import authres
 import pytest
 
 from authmilter.config import Action, Config
-from authmilter.pipeline import AddHeader, Connection, Context, Reply, Verdict
+from authmilter.errors import ConfigError
+from authmilter.pipeline import AddHeader, Connection, Context, DeleteHeader, Reply, Verdict
 from dnsserver import make_zone
 from fakedns import ZoneResolver, failure_marker
 
@@ -252,3 +253,34 @@ def test_our_own_authserv_id_is_never_trusted_from_outside(tmp_path: Path) -> No
     ctx = context(tmp_path, f"Whitelist {OUTSIDE}/32\nTrustedAuthservIDs {AID}\n")
     _, verdict = run(ctx, mail_from="x@quar.test", fields=message("bob@quar.test", extra=forged))
     assert verdict is not None and results(verdict)["dmarc"].result == "fail"
+
+
+def test_forged_received_spf_claiming_our_host_is_removed(tmp_path: Path) -> None:
+    """Only we write Received-SPF with our receiver=; others are trace fields and stay."""
+    forged = [("Received-SPF", f" Pass (mailfrom) identity=mailfrom; receiver={AID.upper()};"
+                               " client-ip=198.51.100.25".encode()),
+              ("Received-SPF", b" Pass (receiver=" + AID.encode() + b") receiver=mx.other.test"),
+              ("Received-SPF", f' pass receiver="{AID}."'.encode())]  # fmt: skip
+    ctx = context(tmp_path, "Mail_From_reject False\n")
+    _, verdict = run(ctx, mail_from="alice@strict.test", fields=message() + forged)
+    assert verdict is not None
+    deletes = [(e.name.lower(), e.occurrence) for e in verdict.edits
+               if isinstance(e, DeleteHeader)]  # fmt: skip
+    assert deletes == [("received-spf", 3), ("received-spf", 1)]  # bottom-up; the 2nd is not ours
+    ours = header(verdict, "Received-SPF")
+    assert ours is not None and ours.startswith("Fail (mailfrom)")
+    assert results(verdict)["spf"].result == "fail" and results(verdict)["dmarc"].result == "fail"
+
+
+@pytest.mark.parametrize(("conf", "budget"), [("", 20), ("DNSDeadline 7\n", 7)])
+def test_each_smtp_stage_gets_one_dns_budget(tmp_path: Path, conf: str, budget: int) -> None:
+    ctx = context(tmp_path, conf)
+    assert isinstance(ctx.resolver, ZoneResolver)
+    _, verdict = run(ctx, mail_from="bob@quar.test", fields=message("bob@quar.test"))
+    assert verdict is not None
+    assert ctx.resolver.deadlines == [budget, budget]  # SPF at RCPT, then DKIM + DMARC at EOM
+
+
+def test_dns_deadline_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="DNSDeadline"):
+        Config.from_text("DNSDeadline 0\n")

@@ -146,6 +146,47 @@ def test_blackhole_times_out_as_temp_error_within_the_timeout(blackhole_dns: Bla
     assert "timed out" in str(exc.value)
 
 
+def test_deadline_bounds_all_lookups_of_a_stage(blackhole_dns: BlackholeDns) -> None:
+    resolver = Resolver([blackhole_dns.nameserver], timeout=5.0)
+    started = time.monotonic()
+    errors = []
+    with resolver.deadline(0.6):
+        for n in range(4):  # without the budget: 4 x 5 s
+            with pytest.raises(DNSTempError) as exc:
+                resolver.txt(f"s{n}._domainkey.{ZONE}")
+            errors.append(str(exc.value))
+    elapsed = time.monotonic() - started
+    assert 0.5 <= elapsed < 1.5
+    assert "timed out" in errors[0]
+    assert "DNSDeadline" in errors[-1]  # later lookups are not even sent
+
+
+def test_deadline_leaves_cached_answers_and_other_threads_alone(shared_nsd: NsdServer) -> None:
+    resolver = Resolver([shared_nsd.nameserver], timeout=2.0)
+    first = resolver.txt(f"split.{ZONE}")
+    answers: list[list[bytes]] = []
+    with resolver.deadline(0.05):
+        time.sleep(0.1)
+        assert resolver.txt(f"split.{ZONE}") == first  # from the cache: no DNS time needed
+        with pytest.raises(DNSTempError, match="DNSDeadline"):
+            resolver.txt(f"two.{ZONE}")
+        other = threading.Thread(target=lambda: answers.append(resolver.txt(f"split.{ZONE}")))
+        other.start()
+        other.join()
+    assert answers == [first]
+    assert len(resolver.txt(f"two.{ZONE}")) == 2  # the budget ended with the block
+
+
+def test_nested_deadlines_keep_the_earlier_end(blackhole_dns: BlackholeDns) -> None:
+    resolver = Resolver([blackhole_dns.nameserver], timeout=5.0)
+    started = time.monotonic()
+    with resolver.deadline(0.3), resolver.deadline(30), pytest.raises(DNSTempError):
+        resolver.txt(f"sel._domainkey.{ZONE}")
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(ValueError, match="positive"), resolver.deadline(0):
+        pass
+
+
 def test_dkimpy_dnsfunc_lets_temp_errors_through(blackhole_dns: BlackholeDns) -> None:
     resolver = Resolver([blackhole_dns.nameserver], timeout=0.5)
     with pytest.raises(DNSTempError):

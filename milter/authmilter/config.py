@@ -422,6 +422,13 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("OrganizationalDomainMethod", Kind.CHOICE, "psl", A, S,
        "How DMARC finds the organizational domain: `psl` (RFC 7489, PublicSuffixList) or "
        "`treewalk` (the DMARCbis DNS tree walk).", choices=("psl", "treewalk")),
+    _d("DNSDeadline", Kind.INT, 20, A, S,
+       "Total DNS time, in seconds, of one SMTP stage of a message (SPF at RCPT; DKIM and "
+       "DMARC at end of message); past it lookups give temperror. Keep it below Postfix's "
+       "milter_command_timeout (30 s)."),
+    _d("MetricsListen", Kind.STRING, None, A, S,
+       "Serve Prometheus metrics over HTTP on `address:port` (e.g. `127.0.0.1:9489`); "
+       "unset (default) = no metrics endpoint."),
 )
 
 _BY_LOWER: dict[str, Directive] = {d.name.lower(): d for d in DIRECTIVES}
@@ -534,6 +541,8 @@ class Config:
     # authmilter
     organizational_domain_method: str = "psl"
     workers: int = 0
+    dns_deadline: int = 20
+    metrics_listen: str | None = None
     # Provenance, not configuration.
     ignored: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     where: Mapping[str, Location] = field(default_factory=dict, compare=False)
@@ -980,11 +989,38 @@ def _check_combinations(values: dict[str, Any], where: Mapping[str, Location],
         raise ConfigError(
             f"single-key signing needs KeyFile and Selector; {_name_of(missing.pop())} is missing",
             where.get(single[0]))  # fmt: skip
+    if values.get("dns_deadline", 1) <= 0:
+        raise ConfigError("DNSDeadline: must be a positive number of seconds",
+                          where.get("dns_deadline"))  # fmt: skip
+    listen = values.get("metrics_listen")
+    if listen is not None:
+        try:
+            parse_listen(listen)
+        except ValueError as e:
+            raise ConfigError(f"MetricsListen: {e}", where.get("metrics_listen")) from None
     mkb = values.get("minimum_key_bits")
     if mkb is not None and 0 < mkb < 1024:
         warnings.append(ConfigWarning(
             f"MinimumKeyBits {mkb}: RFC 8301 requires verifiers to refuse RSA keys below 1024 bits",
             where.get("minimum_key_bits")))  # fmt: skip
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``MetricsListen``: ``127.0.0.1:9489``, ``[::1]:9489`` or ``:9489`` (all addresses).
+
+    :raises ValueError: not ``address:port`` with an IP address and a port in 1..65535.
+    """
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65_535:
+        raise ValueError(f"{text!r} is not address:port (e.g. 127.0.0.1:9489, [::1]:9489)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address") from None
+    return host, int(port)
 
 
 def _name_of(field_name: str) -> str:

@@ -11,6 +11,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -42,6 +43,7 @@ from authmilter.spf_check import (
     SpfWhitelist,
     decide,
     received_spf,
+    received_spf_receiver,
     whitelist_comment,
     whitelisted,
 )
@@ -102,7 +104,12 @@ class Verdict:
 
 
 class DnsResolver(TxtLookup, DnsQuery, Protocol):
-    """What the pipeline needs of the resolver: TXT for DKIM and DMARC, any type for SPF."""
+    """What the pipeline needs of the resolver: TXT for DKIM and DMARC, any type for SPF, and
+    a per-stage time budget (:meth:`authmilter.resolver.Resolver.deadline`)."""
+
+    def deadline(self, seconds: float) -> AbstractContextManager[None]:
+        """Bound the lookups of this thread inside the block to ``seconds`` in total."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +329,9 @@ class Transaction:
         self.recipients.append(address.strip("<>"))
         if not self.spf_checked:
             self.spf_checked = True
-            self._check_spf()
+            # One budget for the whole stage: Postfix waits milter_command_timeout for RCPT.
+            with self.ctx.resolver.deadline(self.ctx.config.dns_deadline):
+                self._check_spf()
         return self.spf_reply
 
     def _check_spf(self) -> None:
@@ -417,7 +426,7 @@ class Transaction:
     def _eom(self) -> Verdict:
         cfg = self.ctx.config
         qid = self.macros.get("i") or "NOQUEUE"
-        edits: list[AddHeader | DeleteHeader] = list(self._forged_ar_removals())
+        edits: list[AddHeader | DeleteHeader] = list(self._forged_removals())
         limit = cfg.maximum_headers
         if limit and self.header_bytes > limit:
             return Verdict(action=Action.REJECT, edits=(),
@@ -431,7 +440,9 @@ class Transaction:
             return self._sign_error(qid, edits, self.sign_error)
         if self.sign_keys:
             return self._sign(qid, edits, self.sign_keys)
-        return self._inbound(qid, edits, originating, author)
+        # DKIM keys and DMARC records share one budget, far below milter_content_timeout.
+        with self.ctx.resolver.deadline(cfg.dns_deadline):
+            return self._inbound(qid, edits, originating, author)
 
     def originating(self) -> bool:
         """OpenDKIM's signing criteria (opendkim(8), OPERATION): SMTP AUTH, InternalHosts,
@@ -645,17 +656,26 @@ class Transaction:
             out.append((name.encode("ascii", "surrogateescape"), v + b"\r\n"))
         return out
 
-    def _forged_ar_removals(self) -> Iterable[DeleteHeader]:
-        """RFC 8601 §5: every incoming A-R claiming our authserv-id goes, bottom-up."""
+    def _forged_removals(self) -> Iterable[DeleteHeader]:
+        """Incoming fields that claim to be ours go, bottom-up (so the indexes stay right):
+        every Authentication-Results with our authserv-id (RFC 8601 §5), and every
+        Received-SPF whose ``receiver=`` is our host (only we write those)."""
         ours = self.ctx.removable_ids()
+        receiver = self.ctx.authserv_id.lower().rstrip(".")
         found = []
-        n = 0
+        counts = {authresults.HEADER.lower(): 0, "received-spf": 0}
         for name, value in self.headers:
-            if name.lower() != authresults.HEADER.lower():
+            key = name.lower()
+            if key not in counts:
                 continue
-            n += 1
-            if authresults.claims(_unfold(value), ours):
-                found.append(DeleteHeader(authresults.HEADER, n))
+            counts[key] += 1
+            text = _unfold(value)
+            if key == "received-spf":
+                claimed = received_spf_receiver(text)
+                if claimed is not None and claimed.lower().rstrip(".") == receiver:
+                    found.append(DeleteHeader(name, counts[key]))
+            elif authresults.claims(text, ours):
+                found.append(DeleteHeader(authresults.HEADER, counts[key]))
         return reversed(found)
 
 

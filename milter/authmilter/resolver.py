@@ -23,11 +23,12 @@ one); temporary failures are never cached.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -217,6 +218,7 @@ class Resolver:
         self._cache: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
         self._hits = 0
         self._misses = 0
+        self._local = threading.local()  # .deadline: this thread's budget end, or absent
 
     @property
     def timeout(self) -> float:
@@ -245,6 +247,28 @@ class Resolver:
         with self._lock:
             self._cache.clear()
 
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Bound all lookups of this thread inside the block to ``seconds`` in total.
+
+        Within the block each lookup waits at most ``min(timeout, time left)``; once the time
+        is spent a lookup that the cache cannot answer raises :class:`DNSTempError` without
+        asking. This keeps one SMTP stage of a message (SPF at RCPT, DKIM and DMARC at end of
+        message) under the MTA's milter timeouts however many lookups it needs. Blocks nest;
+        the earlier end wins.
+
+        :raises ValueError: ``seconds`` is not positive.
+        """
+        if not seconds > 0:
+            raise ValueError(f"DNS deadline must be positive, not {seconds}")
+        outer: float | None = getattr(self._local, "deadline", None)
+        end = self._clock() + seconds
+        self._local.deadline = end if outer is None else min(outer, end)
+        try:
+            yield
+        finally:
+            self._local.deadline = outer
+
     def query(self, name: str, rdtype: str) -> list[dns.rdata.Rdata]:
         """Look up ``name``/``rdtype`` (``"A"``, ``"AAAA"``, ``"MX"``, ``"PTR"``, ``"TXT"`` …).
 
@@ -254,7 +278,8 @@ class Resolver:
         :returns: the records; ``[]`` when the name exists but has none of that type (NODATA).
         :raises ValueError: ``rdtype`` is not a DNS type name.
         :raises DNSNameNotFound: NXDOMAIN.
-        :raises DNSTempError: timeout, SERVFAIL/REFUSED or no nameserver answering.
+        :raises DNSTempError: timeout, SERVFAIL/REFUSED, no nameserver answering, or the
+            :meth:`deadline` of this thread passed.
         :raises DNSPermError: malformed name or malformed answer.
         """
         try:
@@ -344,9 +369,17 @@ class Resolver:
     def _lookup(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, what: str) -> _Entry:
         """Ask the nameservers; return an entry whose ``expires`` is now when not cacheable."""
         now = self._clock()
+        lifetime = self._timeout
+        end: float | None = getattr(self._local, "deadline", None)
+        if end is not None:
+            left = end - now
+            if left <= 0:
+                raise DNSTempError(f"{what}: not asked, the message's DNS time is spent "
+                                   "(DNSDeadline)")  # fmt: skip
+            lifetime = min(lifetime, left)
         try:
             answer = self._resolver.resolve(
-                qname, qtype, raise_on_no_answer=False, search=False, lifetime=self._timeout
+                qname, qtype, raise_on_no_answer=False, search=False, lifetime=lifetime
             )
         except dns.resolver.NXDOMAIN as exc:
             responses = exc.kwargs.get("responses") or {}
@@ -354,7 +387,7 @@ class Resolver:
             ttl = _negative_ttl(response) if response is not None else None
             return _Entry(_Kind.NXDOMAIN, now + (ttl or 0))
         except dns.exception.Timeout as exc:
-            raise DNSTempError(f"{what}: timed out after {self._timeout:g}s ({exc})") from None
+            raise DNSTempError(f"{what}: timed out after {lifetime:.3g}s ({exc})") from None
         except dns.resolver.NoNameservers as exc:
             raise _classify_no_nameservers(exc, what) from None
         except dns.resolver.YXDOMAIN:

@@ -52,6 +52,7 @@ __all__ = [
     "SpfWhitelist",
     "decide",
     "received_spf",
+    "received_spf_receiver",
     "whitelist_comment",
     "whitelisted",
 ]
@@ -874,3 +875,40 @@ def received_spf(outcome: SpfOutcome, *, receiver: str, envelope_from: str | Non
     if outcome.problem and outcome.result in (SpfResult.PERMERROR, SpfResult.TEMPERROR):
         pairs.append(f"problem={_kv_value(outcome.problem)}")
     return f"{outcome.result.value.capitalize()} ({comment}) " + "; ".join(pairs)
+
+
+_RECEIVER = re.compile(r'(?:^|[\s;])receiver\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;]+)', re.IGNORECASE)
+
+
+def received_spf_receiver(value: str) -> str | None:
+    """The ``receiver=`` of a ``Received-SPF`` field value (RFC 7208 §9.1), or None.
+
+    Comments (nested, as RFC 5322 CFWS) are skipped, so ``(receiver=x)`` names nobody; a
+    quoted value is unquoted. The value is returned as written (compare case-insensitively).
+    """
+    outside: list[str] = []
+    depth, quoted, escaped = 0, False, False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == "(":
+            depth += 1
+            continue
+        elif ch == ")" and depth:
+            depth -= 1
+            continue
+        elif ch == '"' and not depth:
+            quoted = True
+        if not depth:
+            outside.append(ch)
+    match = _RECEIVER.search("".join(outside))
+    if match is None:
+        return None
+    found = match.group(1)
+    if len(found) >= 2 and found[0] == found[-1] == '"':
+        found = re.sub(r"\\(.)", r"\1", found[1:-1])
+    return found
