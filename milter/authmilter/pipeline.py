@@ -6,6 +6,7 @@ No pymilter here: the adapter (:mod:`authmilter.server`) feeds events in and app
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import random
 import re
@@ -82,22 +83,24 @@ class Reply:
 
 
 class Direction(StrEnum):
-    """What the pipeline did with a message."""
+    """What the pipeline did with a message: signed it (or tried), or checked it."""
 
     SIGN = "sign"
     VERIFY = "verify"
-    SKIP = "skip"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Verdict:
-    """What to do with the message: the action, its reply, header edits, the log line."""
+    """What to do with the message: the action, its reply, header edits, the log line, and
+    for the metrics the direction and the ``(method, result)`` pairs found."""
 
     action: Action
     reply: Reply | None = None
     edits: tuple[AddHeader | DeleteHeader, ...] = ()
     quarantine_reason: str | None = None
     log: str = ""
+    direction: Direction = Direction.VERIFY
+    results: tuple[tuple[str, str], ...] = ()
 
 
 # -- the shared, read-only context ------------------------------------------------------------
@@ -312,6 +315,7 @@ class Transaction:
         self._wire: list[tuple[bytes, bytes]] | None = None
         self.sign_keys: list[SigningKey] = []
         self.sign_error: str | None = None
+        self.results: list[tuple[str, str]] = []  # (method, result) for the metrics
 
     # -- events --------------------------------------------------------------------------------
 
@@ -419,9 +423,12 @@ class Transaction:
     def eom(self) -> Verdict:
         """Decide: sign or verify, headers to add and remove, the action."""
         try:
-            return self._eom()
+            verdict = self._eom()
         finally:
             self.close()
+        signed = bool(self.sign_keys) or self.sign_error is not None
+        return dataclasses.replace(verdict, results=tuple(self.results),
+                                   direction=Direction.SIGN if signed else Direction.VERIFY)
 
     def _eom(self) -> Verdict:
         cfg = self.ctx.config
@@ -568,6 +575,9 @@ class Transaction:
             value = authresults.build(aid, dkim=shown, spf=self.spf, dmarc=dmarc_outcome,
                                       header_b=not cfg.no_header_b)  # fmt: skip
             edits.append(AddHeader(authresults.HEADER, value))
+        self.results = [("dkim", o.result.value) for o in outcomes]
+        self.results += [("spf", self.spf.result.value)] if self.spf else []
+        self.results += [("dmarc", dmarc_outcome.result.value)] if dmarc_outcome else []
         parts = [_describe(o) for o in outcomes]
         parts.append(f"spf={self.spf.result.value}" if self.spf else
                      f"spf=skipped ({self.spf_note})" if self.spf_note else "spf=none")

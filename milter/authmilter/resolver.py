@@ -42,6 +42,7 @@ import dns.rdtypes.ANY.SOA
 import dns.rdtypes.txtbase
 import dns.resolver
 
+from authmilter import metrics
 from authmilter.errors import ConfigError, DNSNameNotFound, DNSPermError, DNSTempError
 
 __all__ = [
@@ -351,11 +352,13 @@ class Resolver:
             if entry is not None and entry.expires > self._clock():
                 self._cache.move_to_end(key)
                 self._hits += 1
-                return entry
-            if entry is not None:
-                del self._cache[key]
-            self._misses += 1
-            return None
+            else:
+                if entry is not None:
+                    del self._cache[key]
+                    entry = None
+                self._misses += 1
+        metrics.dns_cache(entry is not None)
+        return entry
 
     def _cache_put(self, key: tuple[str, int], entry: _Entry) -> None:
         if self._cache_size == 0 or entry.expires <= self._clock():
@@ -377,6 +380,19 @@ class Resolver:
                 raise DNSTempError(f"{what}: not asked, the message's DNS time is spent "
                                    "(DNSDeadline)")  # fmt: skip
             lifetime = min(lifetime, left)
+        rdtype = dns.rdatatype.to_text(qtype)
+        started = time.perf_counter()
+        try:
+            entry = self._ask(qname, qtype, what, lifetime, now)
+        except (DNSTempError, DNSPermError) as e:
+            outcome = "temperror" if isinstance(e, DNSTempError) else "permerror"
+            metrics.dns_query(rdtype, outcome, time.perf_counter() - started)
+            raise
+        metrics.dns_query(rdtype, _OUTCOME[entry.kind], time.perf_counter() - started)
+        return entry
+
+    def _ask(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, what: str,
+             lifetime: float, now: float) -> _Entry:  # fmt: skip
         try:
             answer = self._resolver.resolve(
                 qname, qtype, raise_on_no_answer=False, search=False, lifetime=lifetime
@@ -407,6 +423,9 @@ class Resolver:
         ttl = min(rrset.ttl for rrset in answer.response.answer) if answer.response.answer else 0
         ttl = min(ttl, answer.rrset.ttl, MAX_POSITIVE_TTL)
         return _Entry(_Kind.DATA, now + ttl, tuple(answer.rrset))
+
+
+_OUTCOME = {_Kind.DATA: "ok", _Kind.NODATA: "nodata", _Kind.NXDOMAIN: "nxdomain"}
 
 
 def _negative_ttl(response: dns.message.Message) -> int | None:

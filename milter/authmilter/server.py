@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import Milter
 
+from authmilter import metrics
 from authmilter.config import Action, Config
 from authmilter.errors import ConfigError
 from authmilter.pipeline import (
@@ -47,13 +48,18 @@ F = TypeVar("F", bound=Callable[..., int])
 def guarded(func: F) -> F:
     """Run a callback; on any exception log the traceback and answer ``On-InternalError``."""
 
+    name = func.__name__
+
     @functools.wraps(func)
     def wrapper(self: AuthMilter, *args: Any) -> int:
+        started = time.perf_counter()
         try:
             return func(self, *args)
         except Exception:  # noqa: BLE001 - the last-resort handler of the adapter
-            self._log_internal_error(func.__name__)
+            self._log_internal_error(name)
             return self.internal_error()
+        finally:
+            metrics.callback(name, time.perf_counter() - started)
 
     return wrapper  # type: ignore[return-value]
 
@@ -63,14 +69,19 @@ def deferred(func: F) -> F:
     which saves a round trip per header and body chunk): an exception is logged and the
     ``On-InternalError`` answer is given at end of message instead."""
 
+    name = func.__name__
+
     @functools.wraps(func)
     def wrapper(self: AuthMilter, *args: Any) -> int:
+        started = time.perf_counter()
         try:
             return func(self, *args)
         except Exception:  # noqa: BLE001 - the last-resort handler of the adapter
-            self._log_internal_error(func.__name__)
+            self._log_internal_error(name)
             self.failed = True
             return int(Milter.CONTINUE)
+        finally:
+            metrics.callback(name, time.perf_counter() - started)
 
     return wrapper  # type: ignore[return-value]
 
@@ -101,6 +112,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
     def _log_internal_error(self, where: str) -> None:
         qid = self.macro("i") or "NOQUEUE"
         log.error("%s: internal error in %s:\n%s", qid, where, traceback.format_exc().rstrip())
+        metrics.internal_error(where)
 
     def internal_error(self) -> int:
         """Answer with the configured ``On-InternalError`` action (default tempfail)."""
@@ -172,6 +184,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
                  f"{spf.identity.value}={spf.sender}" if spf else "",
                  "reject" if reply.code.startswith("5") else "tempfail",
                  reply.code, reply.xcode, reply.text)  # fmt: skip
+        metrics.message("verify", "reject" if reply.code.startswith("5") else "tempfail")
+        if spf is not None:
+            metrics.result("spf", spf.result.value)
         self._setreply(reply)
         return int(Milter.REJECT if reply.code.startswith("5") else Milter.TEMPFAIL)
 
@@ -215,6 +230,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         self.txn.update_macros(self._macros())
         verdict = self.txn.eom()
         self.txn = None
+        metrics.message(verdict.direction.value, verdict.action.value)
+        for method, value in verdict.results:
+            metrics.result(method, value)
         return self.apply(verdict)
 
     def abort(self) -> int:
@@ -343,9 +361,25 @@ def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
         Milter.factory = lambda: AuthMilter(generation.current())
         libmilter.main()
 
+    def start_metrics() -> None:
+        # Run by the supervisor with its signals blocked, so the server threads inherit that.
+        if cfg.metrics_listen:
+            try:
+                server = metrics.serve(cfg.metrics_listen)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"MetricsListen {cfg.metrics_listen}: {e}",
+                                  cfg.location("metrics_listen")) from None  # fmt: skip
+            host, port = server.server_address[:2]
+            log.info("metrics on http://%s/metrics (worker files in %s)",
+                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                     os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # fmt: skip
+
+    if cfg.metrics_listen:
+        metrics.enable()
     try:
-        code = Supervisor(workers, work, ctx, reload).run()
+        code = Supervisor(workers, work, ctx, reload, start=start_metrics).run()
     finally:
+        metrics.shutdown()
         log.info("stopped")
         for path in (pid_file, _socket_path(cfg.socket)):
             if path:
@@ -394,8 +428,8 @@ class Generation:
             return self._ctx
 
 #: Directives a reload cannot change (OpenDKIM's list, opendkim(8)): they need a restart.
-NOT_RELOADABLE = ("socket", "user_id", "pid_file", "umask", "workers", "syslog",
-                  "syslog_facility", "syslog_name")  # fmt: skip
+NOT_RELOADABLE = ("socket", "user_id", "pid_file", "umask", "workers", "metrics_listen",
+                  "syslog", "syslog_facility", "syslog_name")  # fmt: skip
 
 
 class Supervisor:
@@ -425,7 +459,9 @@ class Supervisor:
     SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
     def __init__(self, count: int, work: Callable[[Context, Generation], object],
-                 ctx: Context, reload: Reloader | None = None) -> None:  # fmt: skip
+                 ctx: Context, reload: Reloader | None = None, *,
+                 start: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self.start = start
         self.count = count
         self.work = work
         self.ctx = ctx
@@ -474,7 +510,9 @@ class Supervisor:
             cfg, ctx = self.reload()
         except Exception as e:  # noqa: BLE001 - any failure keeps the running configuration
             log.error("reload failed, keeping the running configuration: %s", e)
+            metrics.reload(False)
             return
+        metrics.reload(True)
         old = self.ctx.config
         for name in NOT_RELOADABLE:
             if getattr(old, name) != getattr(cfg, name):
@@ -494,6 +532,7 @@ class Supervisor:
             if pid not in self.children:
                 continue
             self.children.discard(pid)
+            metrics.process_dead(pid)
             if self.stopping:
                 continue
             log.error("worker %d exited (%s); starting a new one", pid, _describe_status(status))
@@ -512,6 +551,8 @@ class Supervisor:
         self.code = 0
         # Signals are taken synchronously (sigwaitinfo), never in the middle of a fork.
         signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        if self.start is not None:
+            self.start()
         for _ in range(self.count):
             self._spawn()
         while self.children:

@@ -1,0 +1,152 @@
+"""Prometheus metrics (MetricsListen): the real milter with two workers behind a real Postfix,
+resolving through NSD; the endpoint's totals must match the mail that went through."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from authmilter.config import Config
+from authmilter.errors import ConfigError
+from dnsserver import NsdServer, make_zone
+from milter_fixture import AuthmilterProcess
+from postfix_fixture import PostfixInstance, SmtpPermfail, free_port
+from test_e2e_dmarc import OUTSIDE, message
+
+AID = "mx.metrics.test"
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def nsd(nsd_server_module) -> NsdServer:  # type: ignore[no-untyped-def]
+    return nsd_server_module({
+        "good.test": make_zone("good.test", [
+            ("@", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"'),
+            ("_dmarc", "TXT", '"v=DMARC1; p=none"'),
+        ]),
+        "spoofed.test": make_zone("spoofed.test", [
+            ("@", "TXT", '"v=spf1 ip4:203.0.113.5 -all"'),
+            ("_dmarc", "TXT", '"v=DMARC1; p=reject"'),
+        ]),
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(nsd: NsdServer) -> Iterator[tuple[AuthmilterProcess, PostfixInstance, str]]:
+    port = free_port()
+    milter = AuthmilterProcess(f"AuthservID {AID}\nWorkers 2\nNameservers {nsd.nameserver}\n"
+                               f"MetricsListen 127.0.0.1:{port}\n").start()  # fmt: skip
+    postfix = PostfixInstance(milter.postfix_socket).start()
+    milter.wait_log("metrics on http://127.0.0.1:")
+    yield milter, postfix, f"http://127.0.0.1:{port}/metrics"
+    postfix.stop()
+    milter.cleanup()
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def metrics_dir(milter: AuthmilterProcess) -> Path:
+    """The supervisor's PROMETHEUS_MULTIPROC_DIR, as it logs it."""
+    found = re.search(r"metrics on http://\S+ \(worker files in (\S+)\)", milter.log())
+    assert found is not None
+    return Path(found.group(1))
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_totals_match_the_mail_sent_across_both_workers(stack) -> None:  # type: ignore[no-untyped-def]
+    milter, postfix, url = stack
+    before = scrape(url)
+    good, spoofed = 12, 3
+
+    def send_good(n: int) -> None:
+        postfix.send(message("a@good.test", f"good {n}"), mail_from="a@good.test",
+                     rcpt_to=["user@ours.test"], port="inbound", client_ip=OUTSIDE)  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(send_good, range(good)))
+    for n in range(spoofed):  # SPF fail: policyd-spf's default rejects at RCPT
+        with pytest.raises(SmtpPermfail):
+            postfix.send(message("ceo@spoofed.test", f"spoof {n}"), mail_from="ceo@spoofed.test",
+                         rcpt_to=["user@ours.test"], port="inbound", client_ip=OUTSIDE)  # fmt: skip
+    postfix.wait_delivered(good, timeout=60)
+    after = scrape(url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("authmilter_messages_total", direction="verify", action="accept") == good
+    assert delta("authmilter_messages_total", direction="verify", action="reject") == spoofed
+    assert delta("authmilter_results_total", method="spf", result="pass") == good
+    assert delta("authmilter_results_total", method="spf", result="fail") == spoofed
+    assert delta("authmilter_results_total", method="dmarc", result="pass") == good
+    # Each message asked the DNS (SPF and DMARC records), some answers came from the cache.
+    queries = sum(v for (name, _l), v in after.items() if name == "authmilter_dns_queries_total")
+    assert queries >= 2
+    assert delta("authmilter_dns_queries_total", type="TXT", outcome="ok") >= 2
+    assert delta("authmilter_dns_query_seconds_count", type="TXT") >= 2
+    assert delta("authmilter_dns_cache_total", result="hit") > 0
+    assert delta("authmilter_dns_cache_total", result="miss") >= 2
+    # Callback latency, by callback: one end of message per accepted message.
+    assert delta("authmilter_callback_seconds_count", callback="eom") == good
+    assert delta("authmilter_callback_seconds_count", callback="envrcpt") == good + spoofed
+    assert delta("authmilter_callback_seconds_count", callback="header") >= good * 4
+    # Each worker writes its own file; the endpoint adds them up.
+    workers = {int(p) for p in re.findall(r"authmilter\[(\d+)\]: \w+: ", milter.log())}
+    assert workers and len(list(metrics_dir(milter).glob("counter_*.db"))) >= len(workers)
+
+
+def test_counts_of_a_killed_worker_are_kept_and_reloads_are_counted(stack) -> None:  # type: ignore[no-untyped-def]
+    milter, postfix, url = stack
+    before = scrape(url)
+    total = value(before, "authmilter_messages_total", direction="verify", action="accept")
+    assert total > 0
+    assert milter.proc is not None
+    for pid in milter.pids()[1:]:
+        os.kill(pid, signal.SIGKILL)
+    milter.wait_log("starting a new one")
+    os.kill(milter.proc.pid, signal.SIGHUP)
+    milter.wait_log("reloaded:")
+    after = scrape(url)
+    assert value(after, "authmilter_messages_total", direction="verify", action="accept") == total
+    assert value(after, "authmilter_reloads_total", result="ok") == 1 + value(
+        before, "authmilter_reloads_total", result="ok")
+
+
+@pytest.mark.parametrize("listen", ["9489", "localhost:9489", "127.0.0.1:99999", "[::1]"])
+def test_metrics_listen_must_be_address_and_port(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"^authmilter.conf:2: MetricsListen"):
+        Config.from_text(f"Mode v\nMetricsListen {listen}\n", path="authmilter.conf")
+
+
+def test_metrics_port_in_use_stops_the_start_with_a_clear_error(stack) -> None:  # type: ignore[no-untyped-def]
+    _milter, _postfix, url = stack
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    other = AuthmilterProcess(f"AuthservID {AID}\nWorkers 1\nMetricsListen 127.0.0.1:{port}\n"
+                              "Nameservers 127.0.0.1:9\n")  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "authmilter", "run", "-c", str(other.conf_path)],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    other.cleanup()
+    assert run.returncode != 0
+    assert f"authmilter.conf:5: MetricsListen 127.0.0.1:{port}" in run.stderr
+    assert "in use" in run.stderr
