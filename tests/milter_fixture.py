@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -9,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from postfix_fixture import new_socket_dir, wait_for_socket
+from postfix_fixture import _descendants, _pid_alive, new_socket_dir, wait_for_socket
 
 
 class AuthmilterProcess:
@@ -32,8 +34,12 @@ class AuthmilterProcess:
         return f"unix:{self.socket_path}"
 
     def start(self) -> AuthmilterProcess:
-        """Start and wait until the socket accepts connections."""
-        with self.log_path.open("wb") as log:
+        """Start and wait until the socket accepts connections.
+
+        May be called again after :meth:`kill_all` or :meth:`stop`: the same configuration and
+        socket, the output appended to the same log.
+        """
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "authmilter", "run", "-c", str(self.conf_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
@@ -59,6 +65,31 @@ class AuthmilterProcess:
                 return text
             time.sleep(0.05)
         raise AssertionError(f"{needle!r} not in the authmilter log:\n{self.log()}")
+
+    def pids(self) -> list[int]:
+        """The running supervisor and all its descendants (the workers), from /proc."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *_descendants(self.proc.pid)]
+
+    def kill_all(self, timeout: float = 10.0) -> list[int]:
+        """SIGKILL the supervisor and every worker, as a crash of the whole service would.
+
+        Nothing is cleaned up (the socket file stays). Waits until every one of them is gone;
+        returns their pids.
+        """
+        pids = self.pids()
+        for pid in pids:  # the supervisor first: it cannot start replacements afterwards
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while (alive := [p for p in pids if _pid_alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if alive:
+            raise AssertionError(f"authmilter processes {alive} survived SIGKILL")
+        return pids
 
     def kill(self) -> None:
         """SIGKILL: the milter vanishes without cleaning up."""
