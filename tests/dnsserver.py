@@ -3,7 +3,9 @@
 :class:`NsdServer` starts Debian's ``/usr/sbin/nsd`` in the foreground (``-d``) with its own
 configuration, zone files, pid file and log in a temporary directory, on 127.0.0.1 and a free
 high port (UDP and TCP). :class:`BlackholeDns` binds the same kind of port and never answers,
-which is how a test produces a resolver timeout.
+which is how a test produces a resolver timeout. :class:`ScriptedDns` answers from a handler;
+:class:`FaultyDns` relays to a real server (NSD) and breaks the answers a test names: slow,
+dropped, SERVFAIL/REFUSED, truncated with or without a TCP answer, malformed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 
@@ -490,3 +494,212 @@ def truncated_then_garbage(wire: bytes, over_tcp: bool) -> bytes | None:
         return response.to_wire()
     # Same id, QR set, NOERROR, QDCOUNT=1 ANCOUNT=1, then a question cut short.
     return wire[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\x03ab"
+
+
+# -- faults in front of a real server -------------------------------------------------------------
+
+
+class FaultKind(StrEnum):
+    """What :class:`FaultyDns` does to a query it has a :class:`Fault` for."""
+
+    SLOW = "slow"  # forward, then answer after ``seconds``
+    DROP = "drop"  # never answer (UDP and TCP)
+    RCODE = "rcode"  # answer with ``rcode`` and nothing else (SERVFAIL, REFUSED …)
+    TRUNCATE = "truncate"  # UDP: empty answer with TC; TCP: forward, or close when not tcp_ok
+    MALFORMED = "malformed"  # UDP: TC; TCP: a packet cut short in its question
+    NO_TCP = "no-tcp"  # UDP: forward as is (NSD sets TC when it does not fit); TCP: close
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One fault of :class:`FaultyDns`; build it with the class methods."""
+
+    kind: FaultKind
+    seconds: float = 0.0
+    rcode: dns.rcode.Rcode = dns.rcode.NOERROR
+    tcp_ok: bool = True
+
+    @classmethod
+    def slow(cls, seconds: float) -> Fault:
+        return cls(FaultKind.SLOW, seconds=seconds)
+
+    @classmethod
+    def drop(cls) -> Fault:
+        return cls(FaultKind.DROP)
+
+    @classmethod
+    def answer(cls, rcode: dns.rcode.Rcode) -> Fault:
+        return cls(FaultKind.RCODE, rcode=rcode)
+
+    @classmethod
+    def truncated(cls, *, tcp_ok: bool) -> Fault:
+        return cls(FaultKind.TRUNCATE, tcp_ok=tcp_ok)
+
+    @classmethod
+    def malformed(cls) -> Fault:
+        return cls(FaultKind.MALFORMED)
+
+    @classmethod
+    def no_tcp(cls) -> Fault:
+        return cls(FaultKind.NO_TCP)
+
+
+@dataclass(frozen=True, slots=True)
+class SeenQuery:
+    """A query :class:`FaultyDns` received: name (lower case, no final dot), type, transport."""
+
+    name: str
+    rdtype: str
+    tcp: bool
+
+
+def _key(name: str, rdtype: str) -> tuple[str, str]:
+    return name.lower().rstrip("."), rdtype.upper()
+
+
+class FaultyDns(ScriptedDns):
+    """A loopback nameserver that relays to ``upstream`` (e.g. NSD) and breaks chosen answers.
+
+    Each query is relayed byte for byte over the transport it came on (UDP to UDP, TCP to TCP),
+    so the upstream's truncation reaches the client unchanged. A query whose ``(name, type)``
+    has a :class:`Fault` in :attr:`faults` gets that fault instead. Every query is handled in
+    its own thread: a slow answer never holds up the next query. :attr:`seen` lists the
+    queries received, in order.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.faults: dict[tuple[str, str], Fault] = {}
+        self.seen: list[SeenQuery] = []
+        self._seen_lock = threading.Lock()
+        super().__init__(self._answer)
+
+    def set_faults(self, faults: Mapping[tuple[str, str], Fault]) -> None:
+        """Replace the faults (keys ``(name, type)``, any case and final dot) and forget
+        :attr:`seen`."""
+        with self._seen_lock:
+            self.faults = {_key(name, rdtype): fault for (name, rdtype), fault in faults.items()}
+            self.seen = []
+
+    def count(self, name: str, rdtype: str, *, tcp: bool | None = None) -> int:
+        """How many queries for ``name``/``rdtype`` arrived (over TCP only, UDP only, or any)."""
+        wanted = _key(name, rdtype)
+        with self._seen_lock:
+            return sum(1 for q in self.seen if (q.name, q.rdtype) == wanted
+                       and (tcp is None or q.tcp == tcp))  # fmt: skip
+
+    # -- serving -----------------------------------------------------------------------------
+    def _serve_udp(self) -> None:
+        assert self._udp is not None
+        udp = self._udp
+        while not self._stopping.is_set():
+            try:
+                data, peer = udp.recvfrom(65_535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.queries += 1
+            threading.Thread(target=self._udp_one, args=(udp, data, peer), daemon=True).start()
+
+    def _udp_one(self, udp: socket.socket, data: bytes, peer: tuple[str, int]) -> None:
+        reply = self._answer(data, False)
+        if reply is not None:
+            with contextlib.suppress(OSError):
+                udp.sendto(reply, peer)
+
+    def _serve_tcp(self) -> None:
+        assert self._tcp is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _peer = self._tcp.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._tcp_one, args=(conn,), daemon=True).start()
+
+    def _tcp_one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                length = int.from_bytes(_recv_exactly(conn, 2), "big")
+                data = _recv_exactly(conn, length)
+            except (OSError, EOFError):
+                return
+            self.queries += 1
+            reply = self._answer(data, True)
+            if reply is None:
+                if self._fault_for(data) == FaultKind.DROP:
+                    # Dropped: hold the connection, silent, until the client gives up.
+                    with contextlib.suppress(OSError):
+                        conn.recv(1)
+                return
+            with contextlib.suppress(OSError):
+                conn.sendall(len(reply).to_bytes(2, "big") + reply)
+
+    def _fault_for(self, wire: bytes) -> FaultKind | None:
+        try:
+            question = dns.message.from_wire(wire).question[0]
+        except (dns.exception.DNSException, IndexError):
+            return None
+        fault = self.faults.get(_key(question.name.to_text(), dns.rdatatype.to_text(
+            question.rdtype)))  # fmt: skip
+        return fault.kind if fault else None
+
+    def _answer(self, wire: bytes, over_tcp: bool) -> bytes | None:
+        try:
+            query = dns.message.from_wire(wire)
+            question = query.question[0]
+        except (dns.exception.DNSException, IndexError):
+            return None
+        key = _key(question.name.to_text(), dns.rdatatype.to_text(question.rdtype))
+        with self._seen_lock:
+            self.seen.append(SeenQuery(key[0], key[1], over_tcp))
+            fault = self.faults.get(key)
+        if fault is None:
+            return self._relay(wire, over_tcp)
+        if fault.kind is FaultKind.SLOW:
+            reply = self._relay(wire, over_tcp)
+            time.sleep(fault.seconds)
+            return reply
+        if fault.kind is FaultKind.DROP:
+            return None
+        if fault.kind is FaultKind.RCODE:
+            return rcode_reply(fault.rcode)(wire, over_tcp)
+        if fault.kind is FaultKind.TRUNCATE:
+            if not over_tcp:
+                response = dns.message.make_response(query)
+                response.flags |= dns.flags.TC
+                return response.to_wire()
+            return self._relay(wire, over_tcp) if fault.tcp_ok else None
+        if fault.kind is FaultKind.MALFORMED:
+            return truncated_then_garbage(wire, over_tcp)
+        # NO_TCP: UDP as the upstream answers it; the TCP connection is closed unanswered.
+        return None if over_tcp else self._relay(wire, over_tcp)
+
+    def _relay(self, wire: bytes, over_tcp: bool) -> bytes | None:
+        """Send ``wire`` to the upstream over the same transport; its reply, or None."""
+        try:
+            if over_tcp:
+                with socket.create_connection(self.upstream, timeout=3) as up:
+                    up.sendall(len(wire).to_bytes(2, "big") + wire)
+                    length = int.from_bytes(_recv_exactly(up, 2), "big")
+                    return _recv_exactly(up, length)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+                up.settimeout(3)
+                up.sendto(wire, self.upstream)
+                data, _ = up.recvfrom(65_535)
+                return data
+        except (OSError, EOFError):
+            return None
+
+    def __enter__(self) -> FaultyDns:
+        self.start()
+        return self
+
+
+def cname_loop(owner: str, partner: str) -> list[Record]:
+    """Zone records making ``owner`` and ``partner`` CNAMEs of each other (a loop NSD serves)."""
+    return [(owner, "CNAME", partner), (partner, "CNAME", owner)]
