@@ -9,6 +9,7 @@ from __future__ import annotations
 import encodings.idna
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -968,13 +969,28 @@ def test_only_passing_dkim_signatures_count() -> None:
     [
         spf("org.example", SpfResult.SOFTFAIL),
         spf("org.example", SpfResult.NEUTRAL),
-        spf("org.example", SpfResult.TEMPERROR),
+        spf("org.example", SpfResult.TEMPERROR, SpfIdentity.HELO),
+        spf("other.example", SpfResult.TEMPERROR),  # would not align anyway
         spf("org.example", SpfResult.PASS, SpfIdentity.HELO),  # RFC 7489 §4.1: MAIL FROM only
     ],
 )
 def test_spf_counts_only_a_mail_from_pass(outcome: SpfOutcome) -> None:
     res = resolver(dmarc("org", "v=DMARC1; p=reject"), host("news.org"))
     assert check(res, FROM, [], outcome).result is DmarcResult.FAIL
+
+
+def test_temporary_error_of_an_identifier_that_would_align_is_temperror_not_fail() -> None:
+    """A DNS hiccup must not become a p=reject bounce: a later try may pass (RFC 7489 §11.2)."""
+    res = resolver(dmarc("org", "v=DMARC1; p=reject"), host("news.org"))
+    outcome = check(res, FROM, [], spf("org.example", SpfResult.TEMPERROR))
+    assert outcome.result is DmarcResult.TEMPERROR
+    assert outcome.reason == "alignment unknown: SPF org.example had a temporary error"
+    temp = replace(dkim_pass(FROM), result=DkimResult.TEMPERROR)
+    outcome = check(res, FROM, [temp, dkim_pass("other.example")])
+    assert outcome.result is DmarcResult.TEMPERROR and f"DKIM d={FROM}" in outcome.reason
+    # An aligned pass still wins over another identifier's temporary error.
+    outcome = check(res, FROM, [temp, dkim_pass(FROM)], spf("org.example", SpfResult.TEMPERROR))
+    assert outcome.result is DmarcResult.PASS
 
 
 @pytest.mark.parametrize("identity", [SpfIdentity.HELO, SpfIdentity.MAILFROM])

@@ -45,6 +45,7 @@ from authmilter.errors import (
 )
 from authmilter.results import (
     DkimOutcome,
+    DkimResult,
     DmarcOutcome,
     DmarcPolicy,
     DmarcResult,
@@ -1230,6 +1231,22 @@ def evaluate(
             result=DmarcResult.PASS,
             policy=_policy_of(record, tag),
             reason=f"aligned {' and '.join(via)}",
+        )
+    # An identifier that would align but could not be checked for a transient DNS reason
+    # (RFC 6376 §6.1.2 key lookup, RFC 7208 §2.6.6): a later try may pass, so the result is
+    # temperror (RFC 7489 §11.2), never a fail that a p=reject would turn into a bounce.
+    unknown = [f"DKIM d={sig.domain}" for sig in dkim
+               if sig.result is DkimResult.TEMPERROR
+               and _aligned(sig.domain, from_domain, record.adkim, orgs) is True]  # fmt: skip
+    if (spf is not None and spf.result is SpfResult.TEMPERROR
+            and (spf.identity is SpfIdentity.MAILFROM or null_sender)
+            and _aligned(spf.domain, from_domain, record.aspf, orgs) is True):  # fmt: skip
+        unknown.append(f"SPF {spf.domain}")
+    if unknown:
+        return replace(
+            base,
+            result=DmarcResult.TEMPERROR,
+            reason=f"alignment unknown: {' and '.join(unknown)} had a temporary error",
         )
     if orgs.temp_errors:
         return replace(
