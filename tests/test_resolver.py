@@ -221,6 +221,14 @@ def test_nameserver_that_is_down_is_a_temp_error(shared_nsd: NsdServer) -> None:
         resolver.txt(f"split.{ZONE}")
 
 
+def test_second_nameserver_answers_when_the_first_does_not_answer_at_all(
+        shared_nsd: NsdServer, blackhole_dns: BlackholeDns) -> None:  # fmt: skip
+    resolver = Resolver([blackhole_dns.nameserver, shared_nsd.nameserver], timeout=2.0)
+    started = time.monotonic()
+    assert resolver.txt(f"two.{ZONE}")
+    assert time.monotonic() - started < 1.9  # the dead server had its share, not all of it
+
+
 def test_second_nameserver_answers_when_the_first_fails(shared_nsd: NsdServer) -> None:
     with ScriptedDns(rcode_reply(dns.rcode.SERVFAIL)) as broken:
         resolver = Resolver([broken.nameserver, shared_nsd.nameserver], timeout=2.0)

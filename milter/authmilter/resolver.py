@@ -207,8 +207,9 @@ class Resolver:
                 resolver = dns.resolver.Resolver(filename=resolv_conf, configure=True)
             except dns.resolver.NoResolverConfiguration as exc:
                 raise ConfigError(f"{resolv_conf}: no usable nameserver ({exc})") from None
-        # One try per server lasts at most the whole deadline; lifetime is the deadline.
-        resolver.timeout = timeout
+        # lifetime is the deadline of one lookup; each server gets an equal share of it, so a
+        # dead first server leaves time for the next one to answer.
+        resolver.timeout = timeout / max(1, len(resolver.nameservers))
         resolver.lifetime = timeout
         resolver.cache = None
         self._resolver = resolver
