@@ -38,7 +38,7 @@ def _dkim_clause(outcome: DkimOutcome, *, header_b: bool) -> authres.DKIMAuthent
         result=outcome.result.value,
         result_comment=_comment_safe(dkim_comment(outcome)),
         header_d=outcome.domain,
-        header_i=outcome.identity,
+        header_i=_pvalue(outcome.identity),
         header_a=outcome.algorithm,
         header_s=outcome.selector,
     )
@@ -48,12 +48,48 @@ def _dkim_clause(outcome: DkimOutcome, *, header_b: bool) -> authres.DKIMAuthent
     return clause
 
 
-def _comment_safe(text: str | None) -> str | None:
-    """A comment must not unbalance the field, and stays ASCII: parentheses, backslashes and
-    line breaks are dropped, "§" is spelled out, anything else non-ASCII becomes "?"."""
+# RFC 8601 §2.2 pvalue = [CFWS] ( value / [ [ local-part ] "@" ] domain-name ) [CFWS].
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_ADDRESS_PVALUE = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED_STRING})?@{_DOT_ATOM}")
+
+
+_UNSENDABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def _quoted(text: str) -> str:
+    return '"' + re.sub(r'(["\\])', r"\\\1", re.sub(r"[\x00-\x1f\x7f]", "", text)) + '"'
+
+
+def _pvalue(text: str | None) -> str | None:
+    """A property value that reads back as one value (RFC 8601 §2.2 pvalue).
+
+    authres writes any value holding ``@`` as it is. A sender or ``i=`` from outside can hold
+    ``(``, ``;``, white space or 8-bit text in its local part: written bare, that breaks the
+    field, or opens a comment that hides every clause after it (the dmarc= one included).
+    Such a local part (or the whole value, when the domain is odd too) is quoted.
+    """
     if text is None:
         return None
-    text = re.sub(r"[()\\\r\n]", "", text).replace("§", "section ")
+    # Undecodable client bytes arrive as lone surrogates (pymilter's surrogateescape) and
+    # pymilter hands libmilter UTF-8: they, and control characters, become "?".
+    text = _UNSENDABLE.sub("?", text)
+    if "@" not in text or _ADDRESS_PVALUE.fullmatch(text):
+        return text
+    local, _, domain = text.rpartition("@")
+    if re.fullmatch(_DOT_ATOM, domain):
+        return f"{_quoted(local)}@{domain}" if local else f"@{domain}"
+    return _quoted(text)
+
+
+def _comment_safe(text: str | None) -> str | None:
+    """A comment must not unbalance the field, and stays ASCII: parentheses, backslashes and
+    control characters (line breaks, NUL) are dropped, "§" is spelled out, anything else
+    non-ASCII becomes "?"."""
+    if text is None:
+        return None
+    text = re.sub(r"[()\\\x00-\x1f\x7f]", "", text).replace("§", "section ")
     return text.encode("ascii", "replace").decode("ascii")
 
 
@@ -63,8 +99,8 @@ def _spf_clause(outcome: SpfOutcome) -> authres.SPFAuthenticationResult:
     return authres.SPFAuthenticationResult(
         result=outcome.result.value,
         result_comment=_comment_safe(outcome.comment),
-        smtp_mailfrom=None if helo else outcome.sender,
-        smtp_helo=(outcome.helo or outcome.domain) if helo else None,
+        smtp_mailfrom=None if helo else _pvalue(outcome.sender),
+        smtp_helo=_pvalue(outcome.helo or outcome.domain) if helo else None,
     )
 
 
@@ -117,7 +153,11 @@ def _lenient_authserv_id(value: str) -> str:
         elif not depth:
             out.append(ch)
     tokens = "".join(out).split()
-    return tokens[0].lower() if tokens else ""
+    token = tokens[0] if tokens else ""
+    if token.startswith('"'):
+        # An RFC 2045 quoted-string means its content: "exa\\mple.net" is example.net.
+        token = re.sub(r"\\(.)", r"\1", token.strip('"'))
+    return token.lower()
 
 
 def authserv_id_of(value: str) -> str | None:
@@ -136,7 +176,8 @@ def _matches(authserv_id: str, ours: Iterable[str]) -> bool:
         if name.startswith("."):
             if authserv_id.endswith(name):
                 return True
-        elif authserv_id == name:
+        elif authserv_id == name or authserv_id.startswith(name + "/"):
+            # "<id>/<queue id>" is how AuthservIDWithJobID writes our id: that claims it too.
             return True
     return False
 

@@ -68,7 +68,6 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
-from email.utils import getaddresses
 from enum import Enum
 from typing import Final, Protocol
 
@@ -80,6 +79,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
 from authmilter.body_hash import BodyHashes
+from authmilter.dmarc import FromStatus, author_domain
 from authmilter.errors import DNSNameNotFound, DNSPermError, DNSTempError
 from authmilter.keys import MIN_RSA_BITS, KeyAlgorithm, KeyRecord, KeyRecordError, parse_key_record
 from authmilter.results import DkimOutcome, DkimProblem, DkimResult
@@ -726,13 +726,15 @@ def _split_header_fields(message: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def _author_domain(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The domain of the single From address (RFC 5322 §3.6.2), lower case, or ``None``."""
-    values = [value for name, value in headers if name.lower() == b"from"]
-    if len(values) != 1:
-        return None
-    addresses = getaddresses([values[0].decode("utf-8", "replace")])
-    domains = {addr.rpartition("@")[2].lower() for _, addr in addresses if "@" in addr}
-    return domains.pop() if len(domains) == 1 else None
+    """The domain of the single From address (RFC 5322 §3.6.2), lower case, or ``None``.
+
+    DMARC's strict parser: the same author domain DMARC evaluates, and no recursion on
+    hostile nesting (``getaddresses`` recurses once per nested comment: RecursionError).
+    """
+    values = [re.sub(r"\r?\n", "\r\n", value.decode("utf-8", "surrogateescape"))
+              for name, value in headers if name.lower() == b"from"]  # fmt: skip
+    author = author_domain([value.removesuffix("\r\n") for value in values])
+    return author.domain if author.status is FromStatus.OK else None
 
 
 def _peek_domain(raw_value: bytes) -> str | None:
