@@ -468,11 +468,14 @@ class Transaction:
         for name, value in self.headers:
             if name.lower() == "from":
                 text = _unfold(value)
-                pairs = email.utils.getaddresses([text])
-                for _display, addr in pairs:
-                    if "@" in addr:
-                        return addr
-                return None
+                found = dmarc.author_domain([text])  # the strict parser; never raises
+                if found.addresses:
+                    return found.addresses[0]
+                try:  # obsolete syntax the strict parser refuses: read it as OpenDKIM would
+                    pairs = email.utils.getaddresses([text])
+                except (RecursionError, ValueError, IndexError):  # hostile nesting
+                    return None
+                return next((addr for _display, addr in pairs if "@" in addr), None)
         return None
 
     # -- signing ------------------------------------------------------------------------------
@@ -757,7 +760,9 @@ def _describe(o: DkimOutcome) -> str:
         f" ({o.reason})" if o.reason and not o.passed else "")
 
 
-_FOLD = re.compile(r"\r?\n")
+# Folding only: a line break followed by white space. A bare LF anywhere else stays and makes
+# the value unparseable, instead of joining "ceo@bank.example" and ".evil.example".
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 def _unfold(value: bytes) -> str:
