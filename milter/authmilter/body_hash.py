@@ -42,7 +42,7 @@ class BodyHash:
         self.limit = limit
         self._hash = _HASHES[hash_name]()
         self._relaxed = canon == "relaxed"
-        self._partial = b""  # text after the last LF
+        self._held: list[bytes] = []  # text after the last LF, in the pieces it came in
         self._empty = 0  # empty lines held back: dropped if nothing follows them
         self._any = False  # a non-empty line was emitted
         self.length = 0  # canonical octets so far (all of them, not only up to l=)
@@ -75,11 +75,16 @@ class BodyHash:
         """
         if self._digest is not None:
             raise RuntimeError("body hash already finished")
-        data = self._partial + chunk
-        cut = data.rfind(b"\n") + 1
-        self._partial = data[cut:]
-        if not cut:
+        if not chunk:
             return
+        if b"\n" not in chunk:
+            # A line longer than a chunk: keep the pieces, join once its LF comes (joining and
+            # searching the whole held line on every chunk would be quadratic).
+            self._held.append(chunk)
+            return
+        data = b"".join([*self._held, chunk]) if self._held else chunk
+        cut = data.rfind(b"\n") + 1
+        self._held = [data[cut:]] if cut < len(data) else []
         # Bare LF counts as CRLF (as dkimpy); bytes.replace runs at C speed, re.sub does not.
         text = data[:cut].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if self._relaxed:
@@ -101,9 +106,9 @@ class BodyHash:
     def digest(self) -> bytes:
         """Finish (once) and return the hash of the canonical body."""
         if self._digest is None:
-            if self._partial:
-                self._line(self._partial, False)
-                self._partial = b""
+            if self._held:
+                self._line(b"".join(self._held), False)
+                self._held = []
             if not self._any and not self._relaxed:
                 # RFC 6376 §3.4.3: an empty body is canonicalized as a single CRLF.
                 self._emit(b"\r\n")

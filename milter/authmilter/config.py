@@ -612,7 +612,9 @@ def read_settings_text(text: str, path: str, *, _depth: int = 0) -> list[Setting
     :raises ConfigError: for an unknown directive, a missing value or a bad Include.
     """
     settings: list[Setting] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at LF only (as fgets() reads them and editors number them); splitlines() would
+    # also break at CR, FF, VT, NEL … and shift every file:line after one.
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         line = raw.split("#", 1)[0]
         if not line.strip():
             continue
@@ -649,7 +651,7 @@ def read_policyd_spf_text(text: str, path: str) -> list[Setting]:
     :raises ConfigError: for a line without ``=`` or a name policyd-spf does not know.
     """
     settings = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(text.split("\n"), start=1):  # LF only, as read_settings_text
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -424,8 +424,8 @@ def _read_data_file(path: str, where: Location | None) -> str:
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path ("embedded null byte")
+        reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(f"cannot read dataset file '{path}': {reason}", where) from exc
     return data.decode("utf-8", errors="surrogateescape")
 

@@ -358,6 +358,8 @@ def load_private_key(path: str | os.PathLike[str], *, require_safe: bool = True)
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise KeyMaterialError(f"{name}: cannot open key file: {exc.strerror}") from None
+    except ValueError as exc:  # a NUL in the name: "embedded null byte"
+        raise KeyMaterialError(f"{name!r}: cannot open key file: {exc}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

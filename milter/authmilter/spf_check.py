@@ -441,8 +441,9 @@ class SpfChecker:
 
 
 def _printable(text: str) -> str:
-    """Text safe for a reply or a header: control characters become spaces, ends trimmed."""
-    return _CONTROL.sub(" ", text).strip()
+    """Text safe for a reply or a header: control characters become spaces, ends trimmed,
+    lone surrogates (undecodable bytes from the client) "?", as pymilter sends UTF-8."""
+    return _CONTROL.sub(" ", text).strip().encode("utf-8", "replace").decode("utf-8")
 
 
 def _comment(
@@ -836,7 +837,8 @@ def whitelist_comment(
 
 def _kv_value(text: str) -> str:
     """RFC 7208 §9.1: a key-value-pair value is a dot-atom, else a quoted-string."""
-    text = _CONTROL.sub("", text)
+    # Undecodable envelope bytes arrive as lone surrogates; the field must be UTF-8.
+    text = _CONTROL.sub("", text).encode("utf-8", "replace").decode("utf-8")
     if _DOT_ATOM.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
