@@ -7,7 +7,6 @@ No pymilter here: the adapter (:mod:`authmilter.server`) feeds events in and app
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import random
 import re
 import time
@@ -468,14 +467,10 @@ class Transaction:
         for name, value in self.headers:
             if name.lower() == "from":
                 text = _unfold(value)
-                found = dmarc.author_domain([text])  # the strict parser; never raises
-                if found.addresses:
-                    return found.addresses[0]
-                try:  # obsolete syntax the strict parser refuses: read it as OpenDKIM would
-                    pairs = email.utils.getaddresses([text])
-                except (RecursionError, ValueError, IndexError):  # hostile nesting
-                    return None
-                return next((addr for _display, addr in pairs if "@" in addr), None)
+                # The strict parser (never raises): a From it refuses, e.g. a comment inside
+                # the domain as in "a@evil.test (x).example.com", chooses no signing key.
+                found = dmarc.author_domain([text])
+                return found.addresses[0] if found.addresses else None
         return None
 
     # -- signing ------------------------------------------------------------------------------

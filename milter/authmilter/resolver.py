@@ -108,7 +108,7 @@ def parse_nameserver(spec: str) -> tuple[str, int]:
             ) from None
     port = DEFAULT_PORT
     if port_text is not None:
-        if not port_text.isdigit():
+        if not (port_text.isascii() and port_text.isdigit()):
             raise ValueError(f"nameserver {spec!r}: port {port_text!r} is not a number")
         port = int(port_text)
         if not 1 <= port <= 65_535:
