@@ -155,6 +155,24 @@ def test_internal_client_is_signed_and_signature_verifies(keydir: Path, keys) ->
     assert verdict.log == "4BqTEST: signed d=example.com s=rsa a=rsa-sha256, action=accept"
 
 
+@pytest.mark.parametrize("from_", [
+    b"alice@evil.test (x).example.com",  # obsolete CFWS inside the domain: a spoofing vector
+    b"alice@evil.test\r\n .example.com",
+    b"Alice <alice@example.com",  # unbalanced
+])  # fmt: skip
+def test_a_from_the_strict_parser_refuses_chooses_no_signing_key(keydir: Path, keys,
+                                                                 from_: bytes) -> None:  # fmt: skip
+    """email.utils would read "alice@evil.test.example.com", which *@*.example.com signs."""
+    ctx = make_context(keydir, keys, signing="*@example.com rsa\n*@*.example.com rsa\n")
+    message = MESSAGE.replace(b"Alice <alice@example.com>", from_)
+    verdict = feed(ctx, message, ip="10.1.2.3")
+    assert verdict.direction.value == "verify"
+    assert added(verdict, "DKIM-Signature") == []
+    good = feed(ctx, MESSAGE.replace(b"alice@example.com", b"alice@mail.example.com"),
+                ip="10.1.2.3")  # fmt: skip
+    assert verdict.action is Action.ACCEPT and len(added(good, "DKIM-Signature")) == 1
+
+
 def test_authenticated_client_is_signed_from_anywhere(keydir: Path, keys) -> None:
     verdict = feed(make_context(keydir, keys), MESSAGE, macros={"auth_type": "PLAIN"})
     assert len(added(verdict, "DKIM-Signature")) == 1

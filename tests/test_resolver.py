@@ -411,6 +411,8 @@ def test_parse_nameservers_comma_list() -> None:
         ("", "no nameserver"),
         ("ns.example.com", "not an IP address"),
         ("192.0.2.1:dns", "not a number"),
+        ("192.0.2.1:\u0663", "not a number"),  # an Arabic-Indic digit is not a port
+        ("[::1]:\u00b2", "not a number"),
         ("192.0.2.1:0", "out of range"),
         ("192.0.2.1:65536", "out of range"),
         ("[2001:db8::1", "missing ']'"),
