@@ -45,9 +45,9 @@ log = logging.getLogger("authmilter")
 F = TypeVar("F", bound=Callable[..., int])
 
 
-def guarded(func: F) -> F:
-    """Run a callback; on any exception log the traceback and answer ``On-InternalError``."""
-
+def _callback(func: F, on_error: Callable[[AuthMilter], int]) -> F:
+    """Time a callback for the metrics; on any exception log the traceback and answer
+    ``on_error(self)``."""
     name = func.__name__
 
     @functools.wraps(func)
@@ -57,33 +57,23 @@ def guarded(func: F) -> F:
             return func(self, *args)
         except Exception:  # noqa: BLE001 - the last-resort handler of the adapter
             self._log_internal_error(name)
-            return self.internal_error()
+            return on_error(self)
         finally:
             metrics.callback(name, time.perf_counter() - started)
 
     return wrapper  # type: ignore[return-value]
+
+
+def guarded(func: F) -> F:
+    """Run a callback; on any exception log the traceback and answer ``On-InternalError``."""
+    return _callback(func, lambda self: self.internal_error())
 
 
 def deferred(func: F) -> F:
     """For callbacks negotiated without a reply (``@Milter.noreply``: the MTA does not wait,
     which saves a round trip per header and body chunk): an exception is logged and the
     ``On-InternalError`` answer is given at end of message instead."""
-
-    name = func.__name__
-
-    @functools.wraps(func)
-    def wrapper(self: AuthMilter, *args: Any) -> int:
-        started = time.perf_counter()
-        try:
-            return func(self, *args)
-        except Exception:  # noqa: BLE001 - the last-resort handler of the adapter
-            self._log_internal_error(name)
-            self.failed = True
-            return int(Milter.CONTINUE)
-        finally:
-            metrics.callback(name, time.perf_counter() - started)
-
-    return wrapper  # type: ignore[return-value]
+    return _callback(func, lambda self: self.defer_error())
 
 
 @Milter.header_leading_space
@@ -113,6 +103,11 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         qid = self.macro("i") or "NOQUEUE"
         log.error("%s: internal error in %s:\n%s", qid, where, traceback.format_exc().rstrip())
         metrics.internal_error(where)
+
+    def defer_error(self) -> int:
+        """A no-reply callback failed: remember it for the end of message, carry on now."""
+        self.failed = True
+        return int(Milter.CONTINUE)
 
     def internal_error(self) -> int:
         """Answer with the configured ``On-InternalError`` action (default tempfail)."""
