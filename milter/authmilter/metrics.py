@@ -10,7 +10,7 @@ supervisor's HTTP endpoint adds up the files of all workers, living and dead, on
 Metric names (all prefixed ``authmilter_``):
 
 ========================================  ================================================
-``messages_total{direction,action}``      messages decided: ``sign``/``verify``/``skip`` ×
+``messages_total{direction,action}``      messages decided: ``sign``/``verify`` ×
                                           ``accept``/``reject``/``tempfail``/``quarantine``/
                                           ``discard``
 ``results_total{method,result}``          ``dkim``/``spf``/``dmarc`` results, one per
@@ -40,7 +40,6 @@ __all__ = [
     "dns_cache",
     "dns_query",
     "enable",
-    "enabled",
     "internal_error",
     "message",
     "process_dead",
@@ -87,34 +86,23 @@ class _Metrics:
         self.reloads = counter("reloads", "Configuration reloads, by result.", ["result"])
 
 
-def enable(directory: str | None = None) -> str:
+def enable() -> str:
     """Switch metrics on for this process and the workers it will fork.
 
-    Must run before any worker is forked. ``directory`` (default: a new private temporary
-    directory) receives the per-process files; it is emptied first.
+    Must run before any worker is forked. The per-process files go to a new private
+    temporary directory.
 
     :returns: the directory used.
     """
     global _m, _dir
     if _m is not None and _dir is not None:
         return _dir
-    if directory is None:
-        directory = tempfile.mkdtemp(prefix="authmilter-metrics-")
-    else:
-        os.makedirs(directory, exist_ok=True)
-        for name in os.listdir(directory):
-            if name.endswith(".db"):
-                os.unlink(os.path.join(directory, name))
+    directory = tempfile.mkdtemp(prefix="authmilter-metrics-")
     # prometheus_client picks its storage when first imported: set the directory before.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     _dir = directory
     _m = _Metrics()
     return directory
-
-
-def enabled() -> bool:
-    """True once :func:`enable` ran in this process (or its parent)."""
-    return _m is not None
 
 
 def serve(listen: str) -> Any:
