@@ -296,6 +296,28 @@ class NsdServer:
         self.cleanup()
 
 
+def _bind_udp_and_tcp(host: str, backlog: int,
+                      what: str) -> tuple[int, socket.socket, socket.socket]:  # fmt: skip
+    """A UDP and a listening TCP socket on one free port of ``host``: ``(port, udp, tcp)``.
+
+    :raises DnsServerError: no port could be bound.
+    """
+    for _ in range(20):
+        port = _free_port()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            udp.bind((host, port))
+            tcp.bind((host, port))
+            tcp.listen(backlog)
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        return port, udp, tcp
+    raise DnsServerError(f"could not bind a {what} DNS port on loopback")
+
+
 class BlackholeDns:
     """A loopback "nameserver" that takes queries over UDP and TCP and never answers."""
 
@@ -314,21 +336,8 @@ class BlackholeDns:
 
         :raises DnsServerError: no port could be bound.
         """
-        for _ in range(20):
-            self.port = _free_port()
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                udp.bind((self.host, self.port))
-                tcp.bind((self.host, self.port))
-                tcp.listen(64)
-            except OSError:
-                udp.close()
-                tcp.close()
-                continue
-            self._udp, self._tcp = udp, tcp
-            return self
-        raise DnsServerError("could not bind a black-hole DNS port on loopback")
+        self.port, self._udp, self._tcp = _bind_udp_and_tcp(self.host, 64, "black-hole")
+        return self
 
     def stop(self) -> None:
         """Close the sockets."""
@@ -376,43 +385,46 @@ class ScriptedDns:
 
         :raises DnsServerError: no port could be bound.
         """
-        for _ in range(20):
-            self.port = _free_port()
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                udp.bind((self.host, self.port))
-                tcp.bind((self.host, self.port))
-                tcp.listen(16)
-            except OSError:
-                udp.close()
-                tcp.close()
-                continue
-            udp.settimeout(0.05)
-            tcp.settimeout(0.05)
-            self._udp, self._tcp = udp, tcp
-            break
-        else:
-            raise DnsServerError("could not bind a scripted DNS port on loopback")
+        self.port, udp, tcp = _bind_udp_and_tcp(self.host, 16, "scripted")
+        udp.settimeout(0.05)
+        tcp.settimeout(0.05)
+        self._udp, self._tcp = udp, tcp
         for target in (self._serve_udp, self._serve_tcp):
             thread = threading.Thread(target=target, name="scripted-dns", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
 
+    #: Handle each query in its own thread, so that a slow reply holds up no other query.
+    threaded = False
+    #: How long a TCP connection may take to send its query (and, for a dropped query, how
+    #: long it is held open unanswered).
+    tcp_timeout = 2.0
+
+    def _dispatch(self, target: Callable[..., None], *args: object) -> None:
+        if self.threaded:
+            threading.Thread(target=target, args=args, daemon=True).start()
+        else:
+            target(*args)
+
     def _serve_udp(self) -> None:
         assert self._udp is not None
+        udp = self._udp
         while not self._stopping.is_set():
             try:
-                data, peer = self._udp.recvfrom(65_535)
+                data, peer = udp.recvfrom(65_535)
             except TimeoutError:
                 continue
             except OSError:
                 return
             self.queries += 1
-            reply = self.handler(data, False)
-            if reply is not None:
-                self._udp.sendto(reply, peer)
+            self._dispatch(self._udp_one, udp, data, peer)
+
+    def _udp_one(self, udp: socket.socket, data: bytes, peer: tuple[str, int]) -> None:
+        reply = self.handler(data, False)
+        if reply is not None:
+            with contextlib.suppress(OSError):
+                udp.sendto(reply, peer)
 
     def _serve_tcp(self) -> None:
         assert self._tcp is not None
@@ -423,18 +435,26 @@ class ScriptedDns:
                 continue
             except OSError:
                 return
-            with conn:
-                conn.settimeout(2)
-                try:
-                    length = int.from_bytes(_recv_exactly(conn, 2), "big")
-                    data = _recv_exactly(conn, length)
-                except (OSError, EOFError):
-                    continue
-                self.queries += 1
-                reply = self.handler(data, True)
-                if reply is not None:
-                    with contextlib.suppress(OSError):
-                        conn.sendall(len(reply).to_bytes(2, "big") + reply)
+            self._dispatch(self._tcp_one, conn)
+
+    def _tcp_one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(self.tcp_timeout)
+            try:
+                length = int.from_bytes(_recv_exactly(conn, 2), "big")
+                data = _recv_exactly(conn, length)
+            except (OSError, EOFError):
+                return
+            self.queries += 1
+            reply = self.handler(data, True)
+            if reply is None:
+                self._unanswered(conn, data)
+                return
+            with contextlib.suppress(OSError):
+                conn.sendall(len(reply).to_bytes(2, "big") + reply)
+
+    def _unanswered(self, conn: socket.socket, data: bytes) -> None:
+        """A TCP query the handler gave no reply: the connection is closed at once."""
 
     def stop(self) -> None:
         """Stop serving and close the sockets."""
@@ -590,54 +610,15 @@ class FaultyDns(ScriptedDns):
                        and (tcp is None or q.tcp == tcp))  # fmt: skip
 
     # -- serving -----------------------------------------------------------------------------
-    def _serve_udp(self) -> None:
-        assert self._udp is not None
-        udp = self._udp
-        while not self._stopping.is_set():
-            try:
-                data, peer = udp.recvfrom(65_535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.queries += 1
-            threading.Thread(target=self._udp_one, args=(udp, data, peer), daemon=True).start()
 
-    def _udp_one(self, udp: socket.socket, data: bytes, peer: tuple[str, int]) -> None:
-        reply = self._answer(data, False)
-        if reply is not None:
+    threaded = True
+    tcp_timeout = 5.0
+
+    def _unanswered(self, conn: socket.socket, data: bytes) -> None:
+        if self._fault_for(data) == FaultKind.DROP:
+            # Dropped: hold the connection, silent, until the client gives up.
             with contextlib.suppress(OSError):
-                udp.sendto(reply, peer)
-
-    def _serve_tcp(self) -> None:
-        assert self._tcp is not None
-        while not self._stopping.is_set():
-            try:
-                conn, _peer = self._tcp.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._tcp_one, args=(conn,), daemon=True).start()
-
-    def _tcp_one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            try:
-                length = int.from_bytes(_recv_exactly(conn, 2), "big")
-                data = _recv_exactly(conn, length)
-            except (OSError, EOFError):
-                return
-            self.queries += 1
-            reply = self._answer(data, True)
-            if reply is None:
-                if self._fault_for(data) == FaultKind.DROP:
-                    # Dropped: hold the connection, silent, until the client gives up.
-                    with contextlib.suppress(OSError):
-                        conn.recv(1)
-                return
-            with contextlib.suppress(OSError):
-                conn.sendall(len(reply).to_bytes(2, "big") + reply)
+                conn.recv(1)
 
     def _fault_for(self, wire: bytes) -> FaultKind | None:
         try:

@@ -56,6 +56,7 @@ import dns.rdtypes.txtbase
 import dns.zone
 
 from authmilter.errors import DNSNameNotFound, DNSPermError, DNSTempError
+from authmilter.resolver import Resolver
 
 __all__ = ["MARKER_PREFIX", "ZoneResolver", "failure_marker"]
 
@@ -185,19 +186,8 @@ class ZoneResolver:
         self.deadlines.append(seconds)
         yield
 
-    def dkimpy_dnsfunc(self, name: bytes | str, timeout: float = 5.0) -> bytes | None:
-        """Serve dkimpy's ``dnsfunc=`` as :meth:`authmilter.resolver.Resolver.dkimpy_dnsfunc`."""
-        del timeout
-        if isinstance(name, bytes):
-            try:
-                name = name.decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-        try:
-            records = self.txt(name)
-        except DNSNameNotFound:
-            return None
-        return records[0] if records else None
+    #: dkimpy's ``dnsfunc=``: the resolver's own method, which needs only :meth:`txt`.
+    dkimpy_dnsfunc = Resolver.dkimpy_dnsfunc
 
     # -- internals --------------------------------------------------------------------------
 
