@@ -247,25 +247,11 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def process_tree(roots: Sequence[int]) -> list[int]:
-    """``roots`` (those still alive) and all their descendants, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) is not None:
-            parents[int(entry.name)] = int(fields[1])
-    found = [r for r in roots if r in parents]
-    frontier = list(found)
-    while frontier:
-        parent = frontier.pop()
-        kids = [pid for pid, ppid in parents.items() if ppid == parent]
-        found.extend(kids)
-        frontier.extend(kids)
-    return found
-
-
 def tree_cpu_seconds(roots: Sequence[int]) -> float:
     """CPU time of ``roots`` and every descendant: utime+stime of the live processes plus
     cutime+cstime (children they have reaped), in seconds."""
+    from postfix_fixture import process_tree
+
     ticks = 0
     for pid in process_tree(roots):
         fields = _stat_fields(pid)
@@ -278,6 +264,8 @@ def tree_memory_kib(roots: Sequence[int]) -> tuple[int, int, int]:
     """(sum of VmRSS, sum of Pss, number of processes) over ``roots`` and their descendants,
     in KiB. VmRSS counts pages shared between forked workers once per process; Pss (from
     smaps_rollup) divides each shared page among its sharers."""
+    from postfix_fixture import process_tree
+
     rss = pss = n = 0
     for pid in process_tree(roots):
         try:

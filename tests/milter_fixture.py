@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from postfix_fixture import _descendants, _pid_alive, new_socket_dir, wait_for_socket
+from postfix_fixture import _pid_alive, new_socket_dir, process_tree, wait_for_socket
 
 
 class AuthmilterProcess:
@@ -70,7 +70,7 @@ class AuthmilterProcess:
         """The running supervisor and all its descendants (the workers), from /proc."""
         if self.proc is None or self.proc.poll() is not None:
             return []
-        return [self.proc.pid, *_descendants(self.proc.pid)]
+        return process_tree([self.proc.pid])
 
     def kill_all(self, timeout: float = 10.0) -> list[int]:
         """SIGKILL the supervisor and every worker, as a crash of the whole service would.

@@ -306,8 +306,9 @@ def _listening_ports() -> set[int]:
     return ports
 
 
-def _descendants(root: int) -> list[int]:
-    """PIDs of all processes below ``root`` (from /proc), children first discovered first."""
+def process_tree(roots: Sequence[int]) -> list[int]:
+    """``roots`` (those still alive) and all their descendants, from /proc; each process
+    comes after its parent."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -317,8 +318,8 @@ def _descendants(root: int) -> list[int]:
         except (OSError, IndexError):
             continue
         parents[int(entry.name)] = int(fields[1])
-    found: list[int] = []
-    frontier = [root]
+    found = [root for root in roots if root in parents]
+    frontier = list(found)
     while frontier:
         parent = frontier.pop()
         kids = [pid for pid, ppid in parents.items() if ppid == parent]
@@ -869,7 +870,7 @@ class PostfixInstance:
         self._started = False
         try:
             master = self._master_pid or self._master_pid_now()
-            pids = [master, *_descendants(master)] if master and _pid_alive(master) else []
+            pids = process_tree([master]) if master and _pid_alive(master) else []
             if pids:
                 # `postfix stop` sends master SIGTERM, then polls `master -t` with `sleep 1`
                 # between tries: a whole second whenever master is not gone at once. `postfix

@@ -239,12 +239,12 @@ def test_stop_ends_every_postfix_process_and_removes_the_directory() -> None:
     with PostfixInstance() as postfix:
         master = postfix.master_pid
         assert master is not None
-        children = postfix_fixture._descendants(master)
-        assert children  # at least qmgr, pickup, postlogd
+        tree = postfix_fixture.process_tree([master])
+        assert tree[0] == master and tree[1:]  # children: at least qmgr, pickup, postlogd
         base = postfix.base
         assert base is not None and base.is_dir()
 
-    for pid in [master, *children]:
+    for pid in tree:
         assert not postfix_fixture._pid_alive(pid)
     assert not base.exists()
     assert postfix.submit_port not in postfix_fixture._listening_ports()
