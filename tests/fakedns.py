@@ -164,18 +164,10 @@ class ZoneResolver:
             qname = target.target
         raise DNSPermError(f"{what}: CNAME chain longer than {_MAX_CNAME_CHAIN}")
 
-    def txt(self, name: str) -> list[bytes]:
-        """Return the TXT records at ``name``, each one's character-strings concatenated.
-
-        :raises DNSNameNotFound: NXDOMAIN.
-        :raises DNSTempError: as :meth:`query`.
-        :raises DNSPermError: as :meth:`query`.
-        """
-        return [
-            b"".join(rdata.strings)
-            for rdata in self.query(name, "TXT")
-            if isinstance(rdata, dns.rdtypes.txtbase.TXTBase)
-        ]
+    #: The resolver's own methods, on :meth:`query`: TXT records with their character-strings
+    #: joined, and dkimpy's ``dnsfunc=`` (the first of them).
+    txt = Resolver.txt
+    dkimpy_dnsfunc = Resolver.dkimpy_dnsfunc
 
     @contextlib.contextmanager
     def deadline(self, seconds: float) -> Iterator[None]:
@@ -185,9 +177,6 @@ class ZoneResolver:
             raise ValueError(f"DNS deadline must be positive, not {seconds}")
         self.deadlines.append(seconds)
         yield
-
-    #: dkimpy's ``dnsfunc=``: the resolver's own method, which needs only :meth:`txt`.
-    dkimpy_dnsfunc = Resolver.dkimpy_dnsfunc
 
     # -- internals --------------------------------------------------------------------------
 
