@@ -174,16 +174,17 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         if reply is None:
             return int(Milter.CONTINUE)
         spf = self.txn.spf
+        rejected = reply.code.startswith("5")
+        action = "reject" if rejected else "tempfail"
         log.info("%s: spf=%s %s, action=%s at RCPT: %s %s %s",
                  self.macro("i") or "NOQUEUE", spf.result.value if spf else "?",
                  f"{spf.identity.value}={spf.sender}" if spf else "",
-                 "reject" if reply.code.startswith("5") else "tempfail",
-                 reply.code, reply.xcode, reply.text)  # fmt: skip
-        metrics.message("verify", "reject" if reply.code.startswith("5") else "tempfail")
+                 action, reply.code, reply.xcode, reply.text)  # fmt: skip
+        metrics.message("verify", action)
         if spf is not None:
             metrics.result("spf", spf.result.value)
         self._setreply(reply)
-        return int(Milter.REJECT if reply.code.startswith("5") else Milter.TEMPFAIL)
+        return int(Milter.REJECT if rejected else Milter.TEMPFAIL)
 
     def _setreply(self, reply: Reply) -> None:
         """libmilter reads the text as a format: a lone ``%`` must be doubled."""
