@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import string
 from pathlib import Path
 
@@ -713,55 +714,354 @@ def test_host_list_from_file_dataset_ignores_values(tmp_path: Path) -> None:
     assert [entry.text for entry in peers.entries] == ["192.0.2.1", ".example.com"]
 
 
-def test_bad_cidr_in_data_file_is_error_at_its_line(tmp_path: Path) -> None:
+def test_out_of_range_cidr_in_data_file_is_kept_and_warned_at_its_line(tmp_path: Path) -> None:
     path = write(tmp_path, "peers", "192.0.2.1\n\n192.0.2.0/33\n")
-    ds = open_dataset(f"file:{path}", where=CONF_LINE)
-    with pytest.raises(ConfigError) as info:
-        HostList.from_dataset(ds)
-    assert info.value.where == Location(path, 3)
-    assert "192.0.2.0/33" in info.value.message
-    assert str(info.value).startswith(f"{path}:3: ")
+    peers = HostList.from_dataset(open_dataset(f"file:{path}", where=CONF_LINE))
+    assert [entry.text for entry in peers.entries] == ["192.0.2.1", "192.0.2.0/33"]
+    assert len(peers.warnings) == 1
+    message, where = peers.warnings[0]
+    assert where == Location(path, 3)
+    assert "'192.0.2.0/33'" in message and "never matches" in message
+    assert peers.matches("192.0.2.1")
+    assert not peers.matches("192.0.2.5")
 
 
-def test_cidr_with_host_bits_set_is_error_suggesting_the_network(tmp_path: Path) -> None:
-    path = write(tmp_path, "peers", "!10.0.0.1/8\n")
-    with pytest.raises(ConfigError) as info:
-        HostList.from_dataset(open_dataset(path))
-    assert info.value.where == Location(path, 1)
-    assert "host bits set" in info.value.message
-    assert "'!10.0.0.0/8'" in info.value.message
+def test_cidr_with_host_bits_never_matches_and_the_warning_names_the_network(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "peers", "10.0.0.0/8\n!10.0.0.1/8\n")
+    peers = HostList.from_dataset(open_dataset(path))
+    # dkimf_checkip() only probes masked addresses, so the exclusion never applies.
+    assert peers.matches("10.0.0.1")
+    assert peers.matches("10.200.0.1")
+    assert len(peers.warnings) == 1
+    message, where = peers.warnings[0]
+    assert where == Location(path, 2)
+    assert "host bits set" in message and "write '!10.0.0.0/8'" in message
+    assert not hosts("10.0.0.1/8").matches("10.0.0.1")
 
 
 @pytest.mark.parametrize(
-    "entry",
+    ("entry", "advice"),
     [
-        "192.0.2",
-        "300.1.1.1",
-        "2001:db8:::1",
-        "192.0.2.0/abc",
-        "192.0.2.0/255.255.255.0",
-        "!",
-        "[x]",
+        ("192.0.2", "write '192.0.2.0/24'"),
+        ("192.168.1.", "write '192.168.1.0/24'"),
+        ("300.1.1.1", ""),
+        ("2001:db8:::1", ""),
+        ("192.0.2.0/abc", ""),
+        ("192.0.2.0/255.255.255.0", ""),
+        ("!", ""),
+        ("[x]", ""),
     ],
 )
-def test_invalid_address_entries_are_config_errors(entry: str) -> None:
+def test_entries_that_can_never_match_are_kept_and_warned(entry: str, advice: str) -> None:
+    peers = HostList.from_entries([(entry, CONF_LINE)])
+    assert [e.text for e in peers.entries] == [entry]
+    assert len(peers.warnings) == 1
+    message, where = peers.warnings[0]
+    assert where == CONF_LINE
+    assert f"'{entry}'" in message and "never matches" in message
+    assert advice in message
+    for client in ("192.0.2.1", "192.168.1.1", "300.1.1.1", "2001:db8::1"):
+        assert not peers.matches(client)
+
+
+def test_bad_entry_in_csl_host_list_is_warned_at_the_configuration_line() -> None:
+    peers = HostList.from_dataset(open_dataset("127.0.0.1,10.0.0.0/40", where=CONF_LINE))
+    assert [where for _message, where in peers.warnings] == [CONF_LINE]
+    assert "'10.0.0.0/40'" in peers.warnings[0][0]
+    assert peers.matches("127.0.0.1")
+    assert not peers.matches("10.0.0.1")
+
+
+@pytest.mark.parametrize("entry", ["", "  ", "\t"])
+def test_blank_entry_is_still_a_config_error(entry: str) -> None:
     with pytest.raises(ConfigError) as info:
         HostList.from_entries([(entry, CONF_LINE)])
     assert info.value.where == CONF_LINE
-    assert entry in info.value.message
 
 
-def test_bad_entry_in_csl_host_list_is_error_at_config_line() -> None:
-    with pytest.raises(ConfigError) as info:
-        HostList.from_dataset(open_dataset("127.0.0.1,10.0.0.0/40", where=CONF_LINE))
-    assert info.value.where == CONF_LINE
+def test_file_host_list_star_domain_is_a_literal_that_is_warned_at_its_line(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "trusted.hosts", "127.0.0.1\n# office\n*.example.com\n")
+    internal = HostList.from_dataset(open_dataset(path))
+    assert not internal.matches(None, "mail.example.com")
+    assert not internal.matches(None, "example.com")
+    # OpenDKIM compares file: keys with strcasecmp(): the entry only equals its own text.
+    assert internal.matches(None, "*.EXAMPLE.com")
+    assert internal.matches("127.0.0.1")
+    assert internal.warnings == (
+        (
+            "'*.example.com' is not a wildcard here: OpenDKIM compares file: and csl: host-list "
+            "entries as plain text, so it never matches; write '.example.com' (every name below "
+            "example.com)",
+            Location(path, 3),
+        ),
+    )
 
 
-def test_host_list_from_refile_dataset_is_config_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "peers", "*.example.com\n")
-    ds = open_dataset(f"refile:{path}")
-    with pytest.raises(ConfigError, match="refile"):
-        HostList.from_dataset(ds)
+@pytest.mark.parametrize(
+    ("entry", "advice"),
+    [
+        ("*.example.com", "write '.example.com' (every name below example.com)"),
+        ("!*.lab.example.com", "write '!.lab.example.com' (every name below lab.example.com)"),
+        ("192.168.*", "write '192.168.0.0/16'"),
+        ("192.168.1.*", "write '192.168.1.0/24'"),
+        ("10.*.*.*", "write '10.0.0.0/8'"),
+        ("!172.16.*", "write '!172.16.0.0/16'"),
+        ("mail*.example.com", "write '.domain' for every name below a domain"),
+        ("*", "use CIDR blocks for address ranges"),
+        ("999.*", "use CIDR blocks for address ranges"),
+    ],
+)
+def test_star_entry_warning_says_what_to_write_instead(
+    tmp_path: Path, entry: str, advice: str
+) -> None:
+    path = write(tmp_path, "peers", f"{entry}\n")
+    peers = HostList.from_dataset(open_dataset(f"file:{path}"))
+    assert len(peers.warnings) == 1
+    message, where = peers.warnings[0]
+    assert where == Location(path, 1)
+    assert message.startswith(f"'{entry}' is not a wildcard here")
+    assert advice in message
+    assert not peers.matches("192.168.1.1", "mail1.lab.example.com")
+
+
+def test_star_entry_in_csl_host_list_is_warned_at_the_configuration_line() -> None:
+    peers = HostList.from_dataset(open_dataset("csl:127.0.0.1,*.example.com", where=CONF_LINE))
+    assert len(peers.warnings) == 1
+    assert peers.warnings[0][1] == CONF_LINE
+    assert "'.example.com'" in peers.warnings[0][0]
+
+
+def test_ordinary_file_host_list_has_no_warnings(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "TrustedHosts",
+        "# OpenDKIM TrustedHosts\n127.0.0.1\n::1\nlocalhost\n192.168.0.0/16\n"
+        "10.1.0.0/16 office\n.example.com\nmail.example.org\n!guest.example.com\n"
+        "!192.168.9.9\n2001:db8::/32\n2001:DB8:1::7\n[192.0.2.1]\n[2001:db8::]/48\n"
+        "::ffff:198.51.100.1\n",
+    )
+    internal = HostList.from_dataset(open_dataset(path))
+    assert internal.warnings == ()
+    assert len(internal) == 14
+    assert internal.matches("192.168.3.4")
+    assert not internal.matches("192.168.9.9")
+
+
+def test_default_and_loopback_lists_have_no_warnings() -> None:
+    assert HostList.default().warnings == ()
+    assert hosts("127.0.0.1", "localhost", ".example.com").warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("entry", "spelling", "client"),
+    [
+        ("2001:0db8::1", "2001:db8::1", "2001:db8::1"),
+        ("2001:db8:0:0:0:0:0:1", "2001:db8::1", "2001:db8::1"),
+        ("10.0.0.0/08", "10.0.0.0/8", "10.9.8.7"),
+        ("!2001:db8::0/128", "!2001:db8::/128", "2001:db8::"),
+        ("[192.0.2.0/24]", "[192.0.2.0]/24", "192.0.2.77"),
+    ],
+)
+def test_address_spelled_unlike_opendkim_matches_here_but_is_warned(
+    entry: str, spelling: str, client: str
+) -> None:
+    peers = hosts(entry)
+    assert peers.matches(client) is not entry.startswith("!")
+    assert len(peers.warnings) == 1
+    message = peers.warnings[0][0]
+    assert message.startswith(f"OpenDKIM never matches host list entry '{entry}'")
+    assert f"write '{spelling}'" in message
+
+
+# --- refile: host lists ---------------------------------------------------------------------
+
+
+def refile_hosts(tmp_path: Path, text: str) -> tuple[HostList, str]:
+    """Write a refile: host list under tmp_path and open it as the pipeline does."""
+    path = write(tmp_path, "TrustedHosts", text)
+    return HostList.from_dataset(open_dataset(f"refile:{path}", where=CONF_LINE)), path
+
+
+def test_refile_host_list_matches_tutorial_trusted_hosts(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(tmp_path, "127.0.0.1\n::1\nlocalhost\n192.168.0.0/16\n")
+    assert internal.matches("127.0.0.1")
+    assert internal.matches("::1")
+    assert internal.matches(None, "localhost")
+    assert internal.matches("192.168.44.3")
+    assert not internal.matches("192.169.0.1")
+    assert not internal.matches("10.0.0.1", "mail.example.org")
+    assert internal.warnings == ()
+
+
+def test_refile_host_list_star_suffix_matches_addresses_with_that_prefix(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(tmp_path, "192.168.1.*\n172.16.*\n")
+    assert internal.matches("192.168.1.4")
+    assert internal.matches("::ffff:192.168.1.4")
+    assert internal.matches("172.31.0.1")  # via the probe 172.16.0.0/12
+    assert not internal.matches("192.168.2.1")
+    assert not internal.matches("10.192.168.1")
+    assert not internal.matches("172.32.0.1")
+    assert [message for message, _where in internal.warnings] == [
+        "refile pattern '172.16.*' matches every address in 172.16.0.0/12, not only in "
+        "172.16.0.0/16: OpenDKIM also looks up masked networks such as '172.16.0.0/12', which "
+        "the pattern matches; write '172.16.0.0/16' for exactly 172.16.0.0/16"
+    ]
+
+
+def test_refile_host_list_star_suffix_also_matches_the_wider_masked_block(tmp_path: Path) -> None:
+    internal, path = refile_hosts(tmp_path, "10.*\n!192.168.*\n2001:db8:*\n0.0.0.0/0\n")
+    # 11.1.2.3 is probed as "11.1.2.3", ..., "11.0.0.0/8", "10.0.0.0/7": the last matches "10.*".
+    assert internal.find("11.1.2.3") == internal.entries[0]
+    assert internal.find("12.0.0.1") == internal.entries[3]
+    # 192.175.0.1 meets "!192.168.0.0/13" before "0.0.0.0/0".
+    assert not internal.matches("192.175.0.1")
+    assert internal.matches("192.176.0.1")
+    assert internal.find("2001:dbf::1") == internal.entries[2]
+    assert internal.find("2001:dc0::1") is None
+    assert [where for _message, where in internal.warnings] == [
+        Location(path, 1),
+        Location(path, 2),
+    ]
+    first, second = (message for message, _where in internal.warnings)
+    assert first.startswith(
+        "refile pattern '10.*' matches every address in 10.0.0.0/7, not only in 10.0.0.0/8"
+    )
+    assert second.startswith("refile pattern '!192.168.*' matches every address in 192.168.0.0/13")
+    assert "write '!192.168.0.0/16'" in second
+
+
+def test_refile_host_list_cidr_pattern_matches_through_the_masked_probe(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(tmp_path, "10.0.0.0/8\n[198.51.100.0]/24\n2001:db8::/32\n")
+    assert internal.matches("10.255.1.2")
+    assert internal.matches("198.51.100.200")
+    assert internal.matches("2001:db8:abcd::1")
+    assert not internal.matches("11.0.0.1")
+    assert not internal.matches("198.51.101.1")
+    assert not internal.matches("2001:db9::1")
+
+
+def test_refile_host_list_dot_domain_matches_names_below_it(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(tmp_path, ".example.com\n")
+    assert internal.matches(None, "mail.example.com")
+    assert internal.matches(None, "a.b.EXAMPLE.com")
+    assert not internal.matches(None, "example.com")
+    assert not internal.matches(None, "badexample.com")
+
+
+def test_refile_host_list_star_domain_pattern_excludes_the_names_it_matches(
+    tmp_path: Path,
+) -> None:
+    # dkimf_checkhost() probes "!mail.example.com" first; "*.example.com" becomes
+    # ^.*\.example\.com$, which matches that probe, so the name check says "excluded".
+    internal, path = refile_hosts(tmp_path, "*.example.com\nmail.example.com\n192.0.2.0/24\n")
+    assert not internal.matches(None, "mail.example.com")
+    assert not internal.matches(None, "www.example.com")
+    assert internal.find(None, "mail.example.com") is None
+    # The name check does not stop the address check.
+    assert internal.matches("192.0.2.7", "www.example.com")
+    assert len(internal.warnings) == 1
+    message, where = internal.warnings[0]
+    assert where == Location(path, 1)
+    assert "excludes the hosts it matches" in message
+    assert "write '.example.com' (every name below example.com)" in message
+
+
+def test_refile_host_list_negated_lines_exclude_whatever_their_position(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(
+        tmp_path, "!192.168.1.5\n192.168.1.*\n.example.com\n!*.guest.example.com\n"
+    )
+    assert not internal.matches("192.168.1.5")
+    assert internal.matches("192.168.1.6")
+    assert not internal.matches(None, "pc.guest.example.com")
+    assert internal.matches(None, "pc.example.com")
+    assert internal.warnings == ()
+
+
+def test_refile_host_list_longer_prefix_is_probed_before_shorter(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(tmp_path, "10.0.0.0/8\n!10.1.0.0/16\n10.1.2.0/24\n")
+    assert not internal.matches("10.1.9.9")
+    assert internal.matches("10.1.2.3")
+    assert internal.matches("10.2.0.1")
+
+
+def test_refile_host_list_patterns_ignore_case(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(tmp_path, "MAIL.Example.COM\n2001:DB8::/32\n")
+    assert internal.matches(None, "mail.example.com")
+    assert internal.matches("2001:db8::1")
+
+
+def test_refile_host_list_find_reports_the_first_matching_line(tmp_path: Path) -> None:
+    internal, path = refile_hosts(tmp_path, "# peers\n192.168.*\n192.168.1.*  office\n")
+    found = internal.find("192.168.1.9")
+    assert found is not None
+    assert (found.text, found.where, found.network) == ("192.168.*", Location(path, 2), None)
+    assert [entry.text for entry in internal.entries] == ["192.168.*", "192.168.1.*"]
+
+
+def test_refile_host_list_regex_syntax_is_literal_here_and_warned(tmp_path: Path) -> None:
+    internal, path = refile_hosts(tmp_path, "[192.0.2.1]\nmx.(a|b).example\n")
+    # OpenDKIM's regcomp() would read "[192.0.2.1]" as a one-character class.
+    assert internal.matches("192.0.2.1")
+    assert internal.matches(None, "mx.(a|b).example")
+    assert not internal.matches(None, "mx.a.example")
+    assert [where for _message, where in internal.warnings] == [
+        Location(path, 1),
+        Location(path, 2),
+    ]
+    assert "regular-expression syntax" in internal.warnings[0][0]
+
+
+def test_refile_host_list_address_spelled_unlike_opendkim_never_matches_and_is_warned(
+    tmp_path: Path,
+) -> None:
+    internal, path = refile_hosts(tmp_path, "2001:0db8::1\n10.0.0.1/8\n192.0.2\n")
+    assert not internal.matches("2001:db8::1")
+    assert not internal.matches("10.0.0.1")
+    assert not internal.matches("192.0.2.1")
+    messages = [message for message, _where in internal.warnings]
+    assert [where for _message, where in internal.warnings] == [
+        Location(path, 1),
+        Location(path, 2),
+        Location(path, 3),
+    ]
+    assert "write that" in messages[0] and "'2001:db8::1'" in messages[0]
+    assert "'10.0.0.0/8'" in messages[1] and "host bits" in messages[1]
+    assert "write '192.0.2.0/24'" in messages[2]
+
+
+def test_refile_host_list_bracketed_unresolved_client_name_is_probed_as_text(
+    tmp_path: Path,
+) -> None:
+    # Without a PTR record the MTA passes "[192.0.2.1]" as the host name.
+    internal, _path = refile_hosts(tmp_path, "192.0.2.*\n")
+    assert not internal.matches(None, "[192.0.2.1]")
+    assert internal.matches("192.0.2.1", "[192.0.2.1]")
+
+
+def test_empty_refile_host_list_matches_nothing(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(tmp_path, "# nothing yet\n")
+    assert len(internal) == 0
+    assert not internal.matches("127.0.0.1", "localhost")
+
+
+@given(
+    address=st.ip_addresses(v=6).filter(lambda a: a.ipv4_mapped is None),
+    prefix=st.integers(min_value=0, max_value=128),
+)
+def test_refile_ipv6_cidr_spelled_as_inet_ntop_prints_it_matches(
+    address: ipaddress.IPv6Address, prefix: int
+) -> None:
+    network = ipaddress.IPv6Network((address, prefix), strict=False)
+    spelled = socket.inet_ntop(socket.AF_INET6, network.network_address.packed)
+    ds = RegexDataset.from_text(f"{spelled}/{prefix}\n", path="TrustedHosts")
+    internal = HostList.from_dataset(ds)
+    assert internal.matches(address)
+    assert internal.warnings == ()
+    assert not HostList.from_dataset(ds).matches("192.0.2.1")
 
 
 def test_find_returns_the_deciding_entry_with_its_location(tmp_path: Path) -> None:

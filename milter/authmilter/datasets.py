@@ -15,8 +15,15 @@ OpenDKIM 2.11's ``dkimf_db_open()`` decides it:
 Values are returned raw; :func:`split_fields` splits them on ``:`` the way OpenDKIM fills its
 multi-field requests (``KeyTable``: ``domain:selector:keyfile``).
 
-:class:`HostList` answers ``PeerList`` / ``InternalHosts`` / ``ExternalIgnoreList`` questions with
-OpenDKIM's ``dkimf_checkhost()`` + ``dkimf_checkip()`` precedence rules.
+:class:`HostList` answers ``PeerList`` / ``InternalHosts`` / ``ExternalIgnoreList`` questions the
+way OpenDKIM's ``dkimf_checkhost()`` + ``dkimf_checkip()`` do, for ``file:``, ``csl:`` and
+``refile:`` lists alike, and reports (in :attr:`HostList.warnings`) the entries OpenDKIM accepts
+but can never match or reads differently.
+
+This is written by hand: no library reads OpenDKIM's dataset formats, and the behaviour that
+matters — which lines count, how ``refile:`` globs become regular expressions, which probe
+strings OpenDKIM looks up in which order — lives only in OpenDKIM's C sources
+(``opendkim/opendkim-db.c``, ``opendkim/util.c``), which the functions here follow and cite.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import os
 import re
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, TypeAlias
 
@@ -469,10 +476,30 @@ def open_dataset(
 # ---------------------------------------------------------------------------------------------
 # Host lists (PeerList, InternalHosts, ExternalIgnoreList)
 
+#: A host-list warning: the message and where the entry was written (data file line or the
+#: configuration line of a csl:).
+_Warning: TypeAlias = tuple[str, Location | None]
+
+# The characters POSIX extended regular expressions treat as syntax that OpenDKIM's
+# dkimf_mkregexp() passes through to regcomp() unchanged ("*", "." and "+" it rewrites).
+_ERE_SPECIALS: Final = frozenset("?[](){}|^$\\")
+_STAR_DOMAIN_RE: Final = re.compile(r"\*\.(?P<domain>[^*.][^*]*)")
+_STAR_IPV4_RE: Final = re.compile(r"(?P<octets>(?:[0-9]{1,3}\.){1,3})\*(?:\.\*)*")
+# A dotted quad cut short ("192.168.1." or "192.168.1"): one to three octets.
+_PARTIAL_IPV4_RE: Final = re.compile(r"[0-9]{1,3}\.|[0-9]{1,3}(?:\.[0-9]{1,3}){1,2}\.?")
+# compile_wildcard()'s flags without case_sensitive: OpenDKIM opens host lists with
+# DKIMF_DB_FLAG_ICASE, so their refile patterns are compiled with REG_ICASE.
+_PATTERN_FLAGS: Final = re.DOTALL | re.ASCII | re.IGNORECASE
+_V4_FULL: Final = (1 << 32) - 1
+_V6_FULL: Final = (1 << 128) - 1
+
 
 @dataclass(frozen=True, slots=True)
 class HostEntry:
-    """One host-list entry as written, with the network it denotes if it is an address entry."""
+    """One host-list entry as written, with the network it denotes if it is an address entry.
+
+    For a ``refile:`` list ``text`` is the pattern and ``network`` is always ``None``.
+    """
 
     text: str
     negated: bool
@@ -492,43 +519,76 @@ def _as_ipv4(network: IPNetwork) -> IPNetwork:
     return network
 
 
-def _address_entry(body: str, text: str, where: Location | None) -> IPNetwork:
-    """Parse the body of an address or CIDR entry (after any ``!``), brackets allowed.
+def _ntop4(value: int) -> str:
+    """Print an IPv4 address as OpenDKIM's ``dkimf_inet_ntoa()`` does (plain dotted decimal)."""
+    return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
 
-    :raises ConfigError: if it is not a valid address/CIDR, or a CIDR has host bits set.
+
+def _ntop6(value: int) -> str:
+    """Print an IPv6 address as glibc ``inet_ntop()`` does, for ``dkimf_checkip()``'s probes.
+
+    Lower-case hex without leading zeros, the first longest run of two or more zero groups
+    written ``::`` (RFC 5952, as Python prints it), except that an address whose first six
+    groups are zero (seventh non-zero) or whose first five are zero and sixth ``ffff`` ends in
+    dotted IPv4: ``::ffff:192.0.2.1``, ``::0.2.0.3``.
+    """
+    words = [(value >> (112 - 16 * i)) & 0xFFFF for i in range(8)]
+    best, best_len, run, run_len = -1, 0, -1, 0
+    for i, word in enumerate([*words, 1]):  # the sentinel closes a trailing run
+        if word == 0:
+            run, run_len = (i, 1) if run < 0 else (run, run_len + 1)
+        elif run >= 0:
+            if run_len > best_len:
+                best, best_len = run, run_len
+            run = -1
+    if best_len < 2:
+        best = -1
+    text = ""
+    for i, word in enumerate(words):
+        if best >= 0 and best <= i < best + best_len:
+            text += ":" if i == best else ""
+            continue
+        text += ":" if i else ""
+        if i == 6 and best == 0 and (best_len == 6 or (best_len == 5 and words[5] == 0xFFFF)):
+            return text + _ntop4(value & _V4_FULL)
+        text += f"{word:x}"
+    return text + ":" if best >= 0 and best + best_len == 8 else text
+
+
+def _ntop(address: IPAddress | int, version: int) -> str:
+    """Print an address the way ``dkimf_checkip()`` spells its probes."""
+    return _ntop4(int(address)) if version == 4 else _ntop6(int(address))
+
+
+def _inspect_address(body: str) -> tuple[IPNetwork | None, str | None]:
+    """Read an address or CIDR entry (after any ``!``; brackets allowed) as OpenDKIM can match it.
+
+    Returns ``(network, spelling)``. ``spelling`` is the text ``dkimf_checkip()`` would have to
+    probe for the block (``None`` if ``body`` is not an address or CIDR block at all); for a
+    block with host bits set it is the enclosing network's text and ``network`` is ``None``,
+    since the probes only ever carry masked addresses.
     """
     match = _BRACKETED_RE.fullmatch(body)
-    if match is not None:
-        body = match["addr"] + match["rest"]
-    address, slash, prefix = body.partition("/")
-    if not slash:
-        try:
-            return _as_ipv4(ipaddress.ip_network(ipaddress.ip_address(address)))
-        except ValueError:
-            raise ConfigError(
-                f"host list entry '{text}' is not a valid IP address", where
-            ) from None
-    if not (prefix.isascii() and prefix.isdigit()):
-        raise ConfigError(
-            f"host list entry '{text}': the prefix length must be a number of bits", where
-        )
+    inner = body if match is None else match["addr"] + match["rest"]
+    address, slash, prefix = inner.partition("/")
     try:
-        network = ipaddress.ip_network(f"{address}/{prefix}")
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        try:
-            loose = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"host list entry '{text}' is not a valid address/prefix", where
-            ) from None
-        # opendkim util.c dkimf_checkip() compares the masked client address as text, so an
-        # entry with host bits set can never match there; refuse it rather than guess.
-        raise ConfigError(
-            f"host list entry '{text}' has host bits set (OpenDKIM never matches it); "
-            f"did you mean '{'!' if text.startswith('!') else ''}{loose}'?",
-            where,
-        ) from None
-    return _as_ipv4(network)
+        return None, None
+    bits: int = ip.max_prefixlen
+    if slash:
+        if not (prefix.isascii() and prefix.isdigit()) or int(prefix) > ip.max_prefixlen:
+            return None, None
+        bits = int(prefix)
+    network = ipaddress.ip_network((ip, bits), strict=False)
+    spelling = _ntop(network.network_address, network.version)
+    if match is not None:
+        spelling = f"[{spelling}]"
+    if slash:
+        spelling += f"/{bits}"
+    if int(network.network_address) != int(ip):
+        return None, spelling
+    return _as_ipv4(network), spelling
 
 
 def _looks_like_address(body: str) -> bool:
@@ -536,10 +596,178 @@ def _looks_like_address(body: str) -> bool:
     return any(c in body for c in ":/[") or _DOTTED_RE.fullmatch(body) is not None
 
 
+def _star_advice(body: str, bang: str) -> str:
+    """Say what to write instead of an entry using ``*`` as a wildcard."""
+    match = _STAR_DOMAIN_RE.fullmatch(body)
+    if match is not None:
+        domain = match["domain"]
+        return f"write '{bang}.{domain}' (every name below {domain})"
+    match = _STAR_IPV4_RE.fullmatch(body)
+    if match is not None:
+        octets = match["octets"].rstrip(".").split(".")
+        if all(int(octet) <= 255 for octet in octets):
+            network = ".".join(octets + ["0"] * (4 - len(octets)))
+            return f"write '{bang}{network}/{8 * len(octets)}'"
+    return (
+        "list the host names, write '.domain' for every name below a domain, "
+        "or use CIDR blocks for address ranges"
+    )
+
+
+def _partial_ipv4_advice(body: str, bang: str) -> str:
+    """Suggest the CIDR block a truncated dotted quad (``192.168.1.``) was probably meant as."""
+    if _PARTIAL_IPV4_RE.fullmatch(body) is None:
+        return ""
+    octets = body.rstrip(".").split(".")
+    if any(int(octet) > 255 for octet in octets):
+        return ""
+    network = ".".join(octets + ["0"] * (4 - len(octets)))
+    return f"; write '{bang}{network}/{8 * len(octets)}'"
+
+
+def _inspect_entry(text: str) -> tuple[IPNetwork | None, str | None]:
+    """Read a ``file:``/``csl:`` host-list entry: ``(network it denotes, warning or None)``.
+
+    OpenDKIM accepts every key and compares it as text with the probes of ``dkimf_checkhost()``
+    and ``dkimf_checkip()``; the warning names an entry that can therefore never match.
+    """
+    negated = text.startswith("!")
+    body = text[1:] if negated else text
+    bang = "!" if negated else ""
+    if not body.strip(_WS):
+        return None, f"host list entry '{text}' names nothing, so it never matches"
+    if "*" in body:
+        # opendkim-db.c dkimf_db_get(): file: and csl: keys are compared with strcasecmp().
+        return None, (
+            f"'{text}' is not a wildcard here: OpenDKIM compares file: and csl: host-list "
+            f"entries as plain text, so it never matches; {_star_advice(body, bang)}"
+        )
+    if not _looks_like_address(body):
+        return None, None
+    network, spelling = _inspect_address(body)
+    if spelling is None:
+        return None, (
+            f"host list entry '{text}' is not a valid IP address or CIDR block, so it never "
+            f"matches{_partial_ipv4_advice(body, bang)}"
+        )
+    if network is None:
+        # util.c dkimf_checkip() probes masked addresses only ("10.0.0.0/8", never "10.0.0.1/8").
+        return None, (
+            f"host list entry '{text}' has host bits set; OpenDKIM looks the client up by its "
+            f"masked network, so it never matches; write '{bang}{spelling}'"
+        )
+    if _fold(spelling) != _fold(body):
+        # dkimf_checkip() probes inet_ntop()/dkimf_inet_ntoa() text; other spellings never match.
+        return network, (
+            f"OpenDKIM never matches host list entry '{text}': it looks addresses up spelled "
+            f"'{bang}{spelling}'; authmilter matches it anyway; write '{bang}{spelling}' so "
+            f"both agree"
+        )
+    return network, None
+
+
+def _star_ipv4_pattern_warning(text: str, octets_text: str, bang: str) -> list[str]:
+    """Warn when a ``refile:`` pattern like ``10.*`` matches more than the block it suggests.
+
+    ``dkimf_checkip()`` also probes the masked networks ``net/bits``; for ``10.*`` the probe
+    ``10.0.0.0/7`` of 11.1.2.3 starts with ``10.`` too. With ``k`` leading octets whose value
+    ends in ``t`` zero bits, the pattern matches the whole block ``prefix/(8k - t)``.
+    """
+    octets = [int(octet) for octet in octets_text.rstrip(".").split(".")]
+    if any(octet > 255 for octet in octets):
+        return []
+    width = 8 * len(octets)
+    value = 0
+    for octet in octets:
+        value = value << 8 | octet
+    zeros = width if value == 0 else (value & -value).bit_length() - 1
+    if zeros == 0:
+        return []
+    network = _ntop4(value << (32 - width))
+    wide, exact = f"{network}/{width - zeros}", f"{network}/{width}"
+    return [
+        f"refile pattern '{text}' matches every address in {wide}, not only in {exact}: "
+        f"OpenDKIM also looks up masked networks such as '{wide}', which the pattern matches; "
+        f"write '{bang}{exact}' for exactly {exact}"
+    ]
+
+
+def _pattern_warnings(text: str) -> list[str]:
+    """Say what is surprising about a ``refile:`` host-list pattern (nothing for most)."""
+    body = text[1:] if text.startswith("!") else text
+    bang = "!" if text.startswith("!") else ""
+    found: list[str] = []
+    if text.startswith("*"):
+        # util.c dkimf_checkhost()/dkimf_checkip() try "!probe" before "probe", and a leading
+        # ".*" matches the "!" too: such a pattern answers the exclusion lookup first.
+        found.append(
+            f"refile pattern '{text}' starts with '*', so it also matches the '!'-prefixed "
+            f"form OpenDKIM looks up first, and excludes the hosts it matches instead of "
+            f"including them; {_star_advice(text, '')}"
+        )
+    star_ipv4 = _STAR_IPV4_RE.fullmatch(body)
+    if star_ipv4 is not None:
+        found += _star_ipv4_pattern_warning(text, star_ipv4["octets"], bang)
+    specials = sorted(_ERE_SPECIALS.intersection(text))
+    if specials:
+        # util.c dkimf_mkregexp() rewrites only "*", "." and "+"; regcomp(REG_EXTENDED) reads
+        # the rest as regular-expression syntax.
+        found.append(
+            f"refile pattern '{text}' contains {' '.join(specials)}, which OpenDKIM reads as "
+            f"regular-expression syntax; authmilter takes every character but '*' literally, "
+            f"so the two can match differently"
+        )
+    elif "*" not in text and body and _looks_like_address(body):
+        network, spelling = _inspect_address(body)
+        if spelling is None:
+            found.append(
+                f"refile pattern '{text}' is not a valid IP address or CIDR block, so it never "
+                f"matches an address{_partial_ipv4_advice(body, bang)}"
+            )
+        elif network is None:
+            found.append(
+                f"refile pattern '{text}' has host bits set, so it never matches: OpenDKIM "
+                f"looks the client up by its masked network; write '{bang}{spelling}'"
+            )
+        elif _fold(spelling) != _fold(body):
+            found.append(
+                f"refile pattern '{text}' never matches: OpenDKIM looks this address up spelled "
+                f"'{bang}{spelling}'; write that instead"
+            )
+    elif not body:
+        found.append(f"refile pattern '{text}' names nothing, so it never matches")
+    return found
+
+
+def _name_probes(hostname: str) -> Iterator[str]:
+    """Yield the name and each parent domain with its leading dot (``dkimf_checkhost()``)."""
+    start = 0
+    while start >= 0:
+        yield hostname[start:]
+        start = hostname.find(".", start + 1)
+
+
+def _address_probes(address: IPAddress) -> Iterator[str]:
+    """Yield ``dkimf_checkip()``'s probes without the ``!``: the address, bracketed, then
+    ``net/bits`` and ``[net]/bits`` for every prefix length from the longest to 0."""
+    bits = address.max_prefixlen
+    full = _V4_FULL if bits == 32 else _V6_FULL
+    value = int(address)
+    text = _ntop(value, address.version)
+    yield text
+    yield f"[{text}]"
+    for plen in range(bits, -1, -1):
+        net = _ntop(value & (full ^ (full >> plen)), address.version)
+        yield f"{net}/{plen}"
+        yield f"[{net}]/{plen}"
+
+
 # Rank within one prefix length, highest first: OpenDKIM probes "!ip", "ip", "![ip]", "[ip]"
 # before "!ip/32", "ip/32", "![ip]/32", "[ip]/32".
 _Rank: TypeAlias = tuple[bool, bool, bool]
 _Level: TypeAlias = tuple[int, int, dict[int, HostEntry]]
+#: The entry that decided a check, and whether it excluded the client.
+_Hit: TypeAlias = tuple[HostEntry, bool]
 
 
 def _build_levels(rules: list[tuple[IPNetwork, _Rank, HostEntry]], bits: int) -> tuple[_Level, ...]:
@@ -576,97 +804,171 @@ def _client_address(ip: str | IPAddress) -> IPAddress | None:
     return address
 
 
+class _Patterns:
+    """The ``refile:`` side of a host list: wildcard patterns tested against OpenDKIM's probes."""
+
+    __slots__ = ("_any", "_each", "_entries")
+
+    def __init__(self, entries: tuple[HostEntry, ...]) -> None:
+        self._entries = entries
+        self._each = tuple(compile_wildcard(entry.text) for entry in entries)
+        self._any = (
+            re.compile("|".join(f"(?:{p.pattern})" for p in self._each), _PATTERN_FLAGS)
+            if entries
+            else None
+        )
+
+    def decide(self, probes: Iterable[str]) -> _Hit | None:
+        """Return the first probe's hit: ``!probe`` tried before ``probe``, as OpenDKIM does.
+
+        A probe exists if any pattern matches it (opendkim-db.c ``dkimf_db_get()``, REFILE), so
+        the line order only chooses which entry is reported: the first matching one.
+        """
+        if self._any is None:
+            return None
+        for probe in probes:
+            for excluded, key in ((True, "!" + probe), (False, probe)):
+                if self._any.fullmatch(key):
+                    pairs = zip(self._entries, self._each, strict=True)
+                    return next(e for e, p in pairs if p.fullmatch(key)), excluded
+        return None
+
+
 class HostList:
-    """A ``PeerList``-style host list, matched with OpenDKIM 2.11's precedence.
+    """A ``PeerList`` / ``InternalHosts`` / ``ExternalIgnoreList`` list, as OpenDKIM 2.11 reads it.
 
-    Entries are host names (``mail.example.com``), domains (``.example.com``: every name *below*
-    example.com, not example.com itself), IPv4/IPv6 addresses in any textual form, optionally in
-    square brackets, IPv4-mapped IPv6 addresses, and CIDR blocks; ``!`` in front of any of them
-    excludes instead of including. :meth:`matches` follows ``dkimf_checkhost()`` then
-    ``dkimf_checkip()``:
+    OpenDKIM never walks the entries. ``dkimf_checkhost()`` and ``dkimf_checkip()`` build a fixed
+    series of *probe* strings from the client and ask the dataset whether each exists, the
+    ``!``-prefixed probe before the plain one; the first probe found decides the check (found
+    with ``!``: excluded). The probes are, in order:
 
-    * the host name is tried first: the full name, then each parent domain with its leading dot
-      (``a.b.example.com``, ``.b.example.com``, ``.example.com``, ``.com``); at each step an
-      excluding entry is looked for before an including one, and the first hit decides the name
-      check. Names compare case-insensitively.
-    * then the address: the most specific entry containing it decides — longest prefix first, a
-      bare address before the same address as ``/32`` (``/128``), unbracketed before bracketed,
-      exclusion before inclusion at equal specificity. So ``!192.0.2.1`` inside ``192.0.2.0/24``
-      excludes just that host. An IPv4-mapped client address is checked as IPv4 (OpenDKIM would
-      only compare it with IPv6 entries).
-    * the client matches if either check includes it (OpenDKIM ORs them): an excluded host name
-      does not stop an included address, nor the other way round.
+    * the host name, then each parent domain with its leading dot (``a.b.example.com``,
+      ``.b.example.com``, ``.example.com``, ``.com``);
+    * the address as text, then bracketed (``192.0.2.1``, ``[192.0.2.1]``), then for every
+      prefix length from ``/32`` (``/128``) down to ``/0`` the masked network as ``net/bits``
+      and ``[net]/bits``. Addresses are spelled as OpenDKIM prints them: plain dotted decimal,
+      IPv6 as glibc ``inet_ntop()`` writes it (lower case, ``::``-compressed).
 
-    An entry's key is the dataset key (any value after it is ignored). Instances are immutable.
+    The client matches if either check includes it (OpenDKIM ORs them): an excluded host name
+    does not stop an included address, nor the other way round. An IPv4-mapped client address
+    is checked as IPv4 (OpenDKIM would probe its IPv6 spelling).
+
+    **file: and csl: lists** (:meth:`from_entries`, :meth:`from_dataset`) compare the probes with
+    the entries' text, ignoring ASCII case. Entries are therefore host names
+    (``mail.example.com``), domains (``.example.com``: every name *below* example.com, not
+    example.com itself), addresses and CIDR blocks, optionally in square brackets, each
+    excluding instead of including with ``!`` in front. What follows from the probe order:
+
+    * names: at each step an excluding entry is looked for before an including one, and the
+      first hit decides, so ``!mail.example.com`` beats ``.example.com`` for that host.
+    * addresses: the most specific entry containing the address decides — longest prefix first,
+      a bare address before the same address as ``/32`` (``/128``), unbracketed before
+      bracketed, exclusion before inclusion at equal specificity. So ``!192.0.2.1`` inside
+      ``192.0.2.0/24`` excludes just that host.
+    * an entry OpenDKIM accepts but can never match is kept (never refused) and reported in
+      :attr:`warnings`: anything containing ``*`` (there is no wildcard here), a string that
+      looks like an address but is none, a CIDR block with host bits set. An address written in
+      another spelling than OpenDKIM's probes (``2001:0db8::1``, ``10.0.0.0/08``) never matches
+      in OpenDKIM but does here; it is warned about too.
+
+    **refile: lists** (:meth:`from_dataset` on a :class:`RegexDataset`) test the same probes
+    against every pattern; a probe exists if any pattern matches it (``dkimf_db_get()``), so the
+    probe order decides, not the line order. Hence ``192.168.1.*`` matches 192.168.1.x through
+    the plain-address probe, ``10.0.0.0/8`` through the ``/8`` probe, ``.example.com`` every name
+    below example.com, and ``!`` lines exclude. Two consequences surprise, and are warned about:
+    a pattern that starts with ``*`` — the tutorials' ``*.example.com`` — also matches the ``!``
+    probe tried first, so it *excludes* the hosts it matches (write ``.example.com``); and a
+    trailing ``*`` also matches the masked-network probes, so ``10.*`` matches 11.1.2.3 through
+    ``10.0.0.0/7`` and ``192.168.*`` all of ``192.168.0.0/13`` (likewise ``2001:db8:*`` covers
+    ``2001:db8::/29``; only the IPv4 form is warned about). OpenDKIM compiles each pattern
+    as a POSIX extended regular expression after ``dkimf_mkregexp()`` turns ``*`` into ``.*`` and
+    escapes ``.`` and ``+``; other regex syntax (``? [ ] ( ) { } | ^ $ \\``) is live there but
+    literal here (see :class:`RegexDataset`), and a pattern using it is warned about.
+
+    Instances are immutable and safe to share between threads.
     """
 
-    __slots__ = ("_entries", "_names", "_v4", "_v6")
+    __slots__ = ("_entries", "_names", "_patterns", "_v4", "_v6", "_warnings")
 
-    def __init__(self, entries: Iterable[HostEntry]) -> None:
-        """Build the lookup tables; prefer :meth:`from_dataset` / :meth:`from_entries`."""
+    def __init__(self, entries: Iterable[HostEntry], *, patterns: bool = False) -> None:
+        """Build the lookup tables; prefer :meth:`from_dataset` / :meth:`from_entries`.
+
+        With ``patterns=True`` each entry's text is a ``refile:`` pattern (``network`` unused).
+        """
         self._entries = tuple(entries)
-        names: dict[str, HostEntry] = {}
+        self._names: dict[str, HostEntry] = {}
+        self._patterns: _Patterns | None = None
         v4: list[tuple[IPNetwork, _Rank, HostEntry]] = []
         v6: list[tuple[IPNetwork, _Rank, HostEntry]] = []
-        for entry in self._entries:
+        warnings: list[_Warning] = []
+        if patterns:
+            self._patterns = _Patterns(self._entries)
+            for entry in self._entries:
+                warnings += [(message, entry.where) for message in _pattern_warnings(entry.text)]
+            keyed: tuple[HostEntry, ...] = ()
+        else:
+            keyed = self._entries
+        for entry in keyed:
             body = entry.text[1:] if entry.negated else entry.text
             # dkimf_checkhost() looks every entry up by its text, addresses included.
             key = _fold(body)
-            held = names.get(key)
+            held = self._names.get(key)
             if held is None or (entry.negated and not held.negated):
-                names[key] = entry
+                self._names[key] = entry
             if entry.network is not None:
                 rank = ("/" not in body, not body.startswith("["), entry.negated)
                 target = v4 if entry.network.version == 4 else v6
                 target.append((entry.network, rank, entry))
-        self._names = names
+            message = _inspect_entry(entry.text)[1]
+            if message is not None:
+                warnings.append((message, entry.where))
         self._v4 = _build_levels(v4, 32)
         self._v6 = _build_levels(v6, 128)
+        self._warnings = tuple(warnings)
 
     @staticmethod
     def parse_entry(text: str, where: Location | None = None) -> HostEntry:
-        """Parse one host-list entry.
+        """Parse one ``file:``/``csl:`` host-list entry.
 
-        :raises ConfigError: at ``where`` for an empty entry, an invalid address or CIDR, or a
-            CIDR with host bits set (``10.0.0.1/8``): OpenDKIM compares the masked client
-            address as text, so such an entry never matches there, and widening it silently
-            would be worse.
+        Every entry OpenDKIM would accept is accepted, including those that can never match
+        (``*.example.com``, ``10.0.0.1/8``, ``300.1.1.1``): they become name entries that no
+        probe equals, and a :class:`HostList` built from them lists them in :attr:`warnings`.
+
+        :raises ConfigError: at ``where`` for an empty or blank entry (no dataset yields one).
         """
-        negated = text.startswith("!")
-        body = text[1:] if negated else text
-        if not body.strip(_WS):
+        if not text.strip(_WS):
             raise ConfigError(f"host list entry '{text}' is empty", where)
-        network = _address_entry(body, text, where) if _looks_like_address(body) else None
-        return HostEntry(text=text, negated=negated, where=where, network=network)
+        network = _inspect_entry(text)[0]
+        return HostEntry(text=text, negated=text.startswith("!"), where=where, network=network)
 
     @classmethod
     def from_entries(cls, entries: Iterable[tuple[str, Location | None]]) -> HostList:
-        """Build a host list from ``(entry text, where it was written)`` pairs.
+        """Build a ``file:``/``csl:``-style host list from ``(entry text, where written)`` pairs.
 
-        :raises ConfigError: for a bad entry (see :meth:`parse_entry`).
+        :raises ConfigError: for an empty entry (see :meth:`parse_entry`).
         """
         return cls(cls.parse_entry(text, where) for text, where in entries)
 
     @classmethod
     def from_dataset(cls, dataset: Dataset) -> HostList:
-        """Build a host list from the keys of a ``file:`` or ``csl:`` dataset.
+        """Build a host list from the keys of a dataset (values are ignored, as OpenDKIM does).
 
-        :raises ConfigError: for a bad entry, at its data-file line, or for a ``refile:``
-            dataset (OpenDKIM would probe its patterns with ``!``-prefixed names and
-            ``ip/bits`` strings; authmilter does not emulate that).
+        A ``refile:`` dataset gives a pattern list, ``file:`` and ``csl:`` a text list; see the
+        class docstring. Nothing OpenDKIM would start with is refused: entries that can never
+        match, or that OpenDKIM reads differently, are listed in :attr:`warnings` at their
+        data-file line (a csl: at its configuration line).
         """
         if isinstance(dataset, RegexDataset):
-            raise ConfigError(
-                "a host list cannot be a refile: dataset (use file: or csl:)",
-                Location(dataset.source),
-            )
-        return cls.from_entries((key, where) for key, _value, where in dataset.entries())
+            records = dataset.records
+            patterns = (HostEntry(key, key.startswith("!"), where) for key, _, where in records)
+            return cls(patterns, patterns=True)
+        return cls.from_entries((key, where) for key, _value, where in dataset.records)
 
     @classmethod
     def default(cls, hosts: Iterable[str] = DEFAULT_INTERNAL_HOSTS) -> HostList:
         """Build a host list from plain entry strings, by default OpenDKIM's ``InternalHosts``.
 
-        :raises ConfigError: for a bad entry (see :meth:`parse_entry`).
+        :raises ConfigError: for an empty entry (see :meth:`parse_entry`).
         """
         return cls.from_entries((host, None) for host in hosts)
 
@@ -675,46 +977,57 @@ class HostList:
         """Every entry, in the order given."""
         return self._entries
 
+    @property
+    def warnings(self) -> tuple[tuple[str, Location | None], ...]:
+        """``(message, where)`` for each entry that never matches or that OpenDKIM reads otherwise.
+
+        Collected when the list is built, in entry order; empty for an ordinary list. Each
+        message names the entry and says what to write instead.
+        """
+        return self._warnings
+
     def __len__(self) -> int:
         return len(self._entries)
 
     def __repr__(self) -> str:
-        return f"HostList({[entry.text for entry in self._entries]!r})"
+        kind = ", patterns=True" if self._patterns is not None else ""
+        return f"HostList({[entry.text for entry in self._entries]!r}{kind})"
 
-    def _match_name(self, hostname: str) -> HostEntry | None:
+    def _match_name(self, hostname: str) -> _Hit | None:
         """Return the entry deciding the name check (``dkimf_checkhost()``), if any."""
+        if self._patterns is not None:
+            return self._patterns.decide(_name_probes(hostname))
         name = _fold(hostname)
-        start = 0
-        while True:
-            entry = self._names.get(name[start:])
+        for probe in _name_probes(name):
+            entry = self._names.get(probe)
             if entry is not None:
-                return entry
-            start = name.find(".", start + 1)
-            if start < 0:
-                return None
+                return entry, entry.negated
+        return None
 
-    def _match_ip(self, ip: str | IPAddress) -> HostEntry | None:
+    def _match_ip(self, ip: str | IPAddress) -> _Hit | None:
         """Return the entry deciding the address check (``dkimf_checkip()``), if any."""
         address = _client_address(ip)
         if address is None:
             return None
+        if self._patterns is not None:
+            return self._patterns.decide(_address_probes(address))
         value = int(address)
         for _plen, mask, table in self._v4 if address.version == 4 else self._v6:
             entry = table.get(value & mask)
             if entry is not None:
-                return entry
+                return entry, entry.negated
         return None
 
     def find(self, ip: str | IPAddress | None, hostname: str | None = None) -> HostEntry | None:
         """Return the including entry that makes the client match, or ``None`` (for logging)."""
         if hostname:
-            entry = self._match_name(hostname)
-            if entry is not None and not entry.negated:
-                return entry
+            hit = self._match_name(hostname)
+            if hit is not None and not hit[1]:
+                return hit[0]
         if ip is not None:
-            entry = self._match_ip(ip)
-            if entry is not None and not entry.negated:
-                return entry
+            hit = self._match_ip(ip)
+            if hit is not None and not hit[1]:
+                return hit[0]
         return None
 
     def matches(self, ip: str | IPAddress | None, hostname: str | None = None) -> bool:
