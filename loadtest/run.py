@@ -662,7 +662,8 @@ def milter_conf(keys: Any, nameserver: str, keydir: Path) -> str:
     tables = write_keytable(keydir, {name: (OURS, bench.RSA_SELECTOR, keys.rsa_path)},
                             [(f"*@{OURS}", name)])  # fmt: skip
     return (f"Mode sv\nAuthservID {AUTHSERV_ID}\nCanonicalization relaxed/simple\n"
-            f"Nameservers {nameserver}\nRejectFailures yes\nSyslog no\nSyslogSuccess no\n"
+            f"Nameservers {nameserver}\nRejectFailures yes\nMail_From_reject Fail\n"
+            f"Syslog no\nSyslogSuccess no\n"
             f"{tables}")  # fmt: skip
 
 
@@ -801,7 +802,8 @@ def report(args: argparse.Namespace, tallies: list[Tally], rss: list[Rss], peak_
         "",
         f"Load: {args.connections} parallel SMTP connections, up to {args.per_connection} "
         f"messages per connection, messages of about {args.size} bytes; authmilter `Mode sv`, "
-        f"`Workers` unset (one per CPU), `RejectFailures yes`, logging off; Postfix "
+        f"`Workers` unset (one per CPU), `RejectFailures yes`, `Mail_From_reject Fail`, "
+        "logging off; Postfix "
         + ", ".join(f"`{k} = {v}`" for k, v in postfix_cf.items()) + ".",
         "",
         "| phase | sent | delivered | rejected (expected) | lost | duplicated | unexpected | "

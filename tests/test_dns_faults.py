@@ -409,7 +409,8 @@ def test_spf_temperror_is_deferred_at_rcpt_with_tempError_defer(
     """RFC 7208 §2.6.6 temperror; policyd-spf's TempError_Defer decides (RFC 7372 4.7.24)."""
     faulty.set_faults({(lookup.qname(OK), lookup.rdtype): Fault.answer(dns.rcode.SERVFAIL)})
     raw = signed_message(world.key, OK)
-    outcome = deliver(context(faulty.nameserver, "TempError_Defer yes\n"), raw, domain=OK)
+    outcome = deliver(context(faulty.nameserver, "TempError_Defer yes\nMail_From_reject Fail\n"),
+                      raw, domain=OK)  # fmt: skip
     assert outcome.reply is not None
     assert (outcome.reply.code, outcome.reply.xcode) == ("450", "4.7.24")
     assert outcome.rcpt_seconds < MARGIN
@@ -423,7 +424,7 @@ def test_spf_permerror_from_a_broken_answer_is_rejected_with_permerror_reject(
     world: World, faulty: FaultyDns
 ) -> None:
     faulty.set_faults({(Lookup.SPF_TXT.qname(OK), "TXT"): Fault.malformed()})
-    outcome = deliver(context(faulty.nameserver, "PermError_reject yes\n"),
+    outcome = deliver(context(faulty.nameserver, "PermError_reject yes\nMail_From_reject Fail\n"),
                       signed_message(world.key, OK), domain=OK)  # fmt: skip
     assert outcome.reply is not None
     assert (outcome.reply.code, outcome.reply.xcode) == ("550", "5.7.24")
@@ -547,7 +548,8 @@ def test_rcpt_stage_spf_ends_within_dns_deadline_and_eom_gets_its_own_budget(
     helo_txt, mailfrom_txt = (HELO, "TXT"), (Lookup.SPF_TXT.qname(OK), "TXT")
     faulty.set_faults({helo_txt: Fault.drop(), mailfrom_txt: Fault.drop()})
     raw = signed_message(world.key, OK)
-    ctx = context(faulty.nameserver, "DNSTimeout 1\nDNSDeadline 1\nTempError_Defer yes\n",
+    ctx = context(faulty.nameserver,
+                  "DNSTimeout 1\nDNSDeadline 1\nTempError_Defer yes\nMail_From_reject Fail\n",
                   timeout=1.0)  # fmt: skip
     outcome = deliver(ctx, raw, domain=OK)
     assert outcome.reply is not None
@@ -600,7 +602,7 @@ def start_stack(world: World, conf: str) -> Stack:
 
 @pytest.fixture(scope="module")
 def tempfailing(world: World) -> Iterator[Stack]:
-    stack = start_stack(world, "TempError_Defer yes\n")
+    stack = start_stack(world, "TempError_Defer yes\nMail_From_reject Fail\n")
     yield stack
     stack.postfix.stop()
     stack.milter.cleanup()

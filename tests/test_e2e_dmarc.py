@@ -79,7 +79,18 @@ def start_stack(zones: Zones, conf: str) -> Stack:
 @pytest.fixture(scope="module")
 def enforcing(zones: Zones) -> Iterator[Stack]:
     stack = start_stack(zones, "RejectFailures yes\nHoldQuarantinedMessages yes\n"
-                               "RequiredHeaders yes\nRejectMultiValueFrom yes\n")  # fmt: skip
+                               "RequiredHeaders yes\nRejectMultiValueFrom yes\n"
+                               "Mail_From_reject Fail\n")  # fmt: skip
+    yield stack
+    stack.postfix.stop()
+    stack.milter.cleanup()
+
+
+@pytest.fixture(scope="module")
+def after_dmarc(zones: Zones) -> Iterator[Stack]:
+    """policyd-spf's Mail_From_reject Fail, but held until DMARC (SPFRejectAfterDMARC)."""
+    stack = start_stack(zones, "RejectFailures yes\nMail_From_reject Fail\n"
+                               "SPFRejectAfterDMARC yes\n")  # fmt: skip
     yield stack
     stack.postfix.stop()
     stack.milter.cleanup()
@@ -167,6 +178,41 @@ def test_forwarded_but_dkim_signed_message_passes_dmarc(enforcing: Stack, zones:
     assert "dmarc=pass (p=reject dis=none) header.from=strict.test" in our_ar_text(delivered)
 
 
+@pytest.mark.parametrize("from_", ["undisclosed-recipients:;", "<>", ""])
+def test_from_without_a_domain_is_rejected_with_required_headers(enforcing: Stack,
+                                                                  from_: str) -> None:
+    raw = message("placeholder@relay.test", "no author").replace(
+        b"From: placeholder@relay.test", f"From: {from_}".encode())  # fmt: skip
+    with pytest.raises(SmtpPermfail) as exc:
+        enforcing.send(raw, mail_from="bounce@relay.test")
+    assert exc.value.code == 550 and exc.value.stage == "data"
+    assert "5.6.0" in exc.value.text and "names no author domain" in exc.value.text
+
+
+def test_spf_reject_held_until_dmarc_lets_forwarded_dkim_signed_mail_through(
+        after_dmarc: Stack, zones: Zones) -> None:  # fmt: skip
+    """Forwarded without SRS: the envelope keeps strict.test, whose SPF fails for the
+    forwarder, but the aligned DKIM signature survives, so DMARC passes and the SPF reject is
+    dropped."""
+    original = message("Alice <alice@strict.test>", "forwarded, no SRS")
+    signed = dkim.sign(original, b"sel", b"strict.test", zones.strict_key.dkimpy_private(),
+                       include_headers=[b"from", b"to", b"subject", b"date"]) + original
+    delivered = after_dmarc.deliver(signed, mail_from="alice@strict.test")
+    results = our_results(delivered)
+    assert (results["spf"].result, results["dkim"].result) == ("fail", "pass")
+    assert results["dmarc"].result == "pass"
+    after_dmarc.milter.wait_log("SPF reject dropped: DMARC passed through aligned DKIM")
+
+
+def test_spf_reject_held_until_dmarc_still_bounces_a_spoof_with_the_same_code(
+        after_dmarc: Stack) -> None:  # fmt: skip
+    with pytest.raises(SmtpPermfail) as exc:
+        after_dmarc.send(message("alice@strict.test", "held spoof"), mail_from="alice@strict.test")
+    # Past RCPT (the reject waited for DMARC), with policyd-spf's RFC 7372 code.
+    assert exc.value.code == 550 and exc.value.stage == "data"
+    assert "5.7.23" in exc.value.text and "strict.test" in exc.value.text
+
+
 def test_multiple_from_fields_are_rejected(enforcing: Stack) -> None:
     with pytest.raises(SmtpPermfail) as exc:
         enforcing.send(message("alice@relay.test", "two From fields",
@@ -189,7 +235,7 @@ def test_p_reject_failure_is_only_marked_when_reject_failures_is_off(reporting: 
                                   mail_from="bounce@relay.test")  # fmt: skip
     results = our_results(delivered)
     assert results["dmarc"].result == "fail" and results["dmarc"].header_from == "strict.test"
-    assert "dmarc=fail (p=reject dis=reject) header.from=strict.test" in our_ar_text(delivered)
+    assert "dmarc=fail (p=reject dis=none) header.from=strict.test" in our_ar_text(delivered)
     assert "policy.dmarc=reject" in our_ar_text(delivered)
 
 

@@ -474,7 +474,7 @@ def test_envelope_sender_with_result_syntax_does_not_add_or_hide_results(world: 
         assert [r.method for r in our_ar(verdict).results] == ["spf", "dmarc"]
         assert spf_of(verdict)[0] == "pass"
         assert dmarc_of(verdict) == ("fail", BANK)
-    assert value.endswith(f"; dmarc=fail (p=reject dis=reject) header.from={BANK} "
+    assert value.endswith(f"; dmarc=fail (p=reject dis=none) header.from={BANK} "
                           "policy.dmarc=reject")
 
 

@@ -45,7 +45,8 @@ def nsd(nsd_server_module) -> NsdServer:  # type: ignore[no-untyped-def]
 def stack(nsd: NsdServer) -> Iterator[tuple[AuthmilterProcess, PostfixInstance, str]]:
     port = free_port()
     milter = AuthmilterProcess(f"AuthservID {AID}\nWorkers 2\nNameservers {nsd.nameserver}\n"
-                               f"MetricsListen 127.0.0.1:{port}\n").start()  # fmt: skip
+                               f"MetricsListen 127.0.0.1:{port}\nMail_From_reject Fail\n"
+                               ).start()  # fmt: skip
     postfix = PostfixInstance(milter.postfix_socket).start()
     milter.wait_log("metrics on http://127.0.0.1:")
     yield milter, postfix, f"http://127.0.0.1:{port}/metrics"
@@ -85,7 +86,7 @@ def test_totals_match_the_mail_sent_across_both_workers(stack) -> None:  # type:
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         list(pool.map(send_good, range(good)))
-    for n in range(spoofed):  # SPF fail: policyd-spf's default rejects at RCPT
+    for n in range(spoofed):  # SPF fail: Mail_From_reject Fail rejects at RCPT
         with pytest.raises(SmtpPermfail):
             postfix.send(message("ceo@spoofed.test", f"spoof {n}"), mail_from="ceo@spoofed.test",
                          rcpt_to=["user@ours.test"], port="inbound", client_ip=OUTSIDE)  # fmt: skip

@@ -90,9 +90,20 @@ def header(verdict: Verdict, name: str) -> str | None:
 
 
 def test_spf_fail_is_rejected_at_rcpt_with_rfc7372_code(tmp_path: Path) -> None:
-    reply, _ = run(context(tmp_path), mail_from="alice@strict.test")
+    reply, _ = run(context(tmp_path, "Mail_From_reject Fail\n"), mail_from="alice@strict.test")
     assert reply is not None and (reply.code, reply.xcode) == ("550", "5.7.23")
     assert "strict.test" in reply.text
+
+
+def test_spf_fail_alone_never_rejects_by_default(tmp_path: Path) -> None:
+    """Without policyd-spf's file or an explicit option, SPF only informs DMARC (as OpenDMARC):
+    p=none mail with an SPF fail is delivered, with the result in A-R and Received-SPF."""
+    reply, verdict = run(context(tmp_path), mail_from="bob@quar.test",
+                         fields=message("bob@quar.test"), ip="203.0.113.9")  # fmt: skip
+    assert reply is None and verdict is not None and verdict.action is Action.ACCEPT
+    assert results(verdict)["spf"].result == "fail"
+    received = header(verdict, "Received-SPF")
+    assert received is not None and received.startswith("Fail (mailfrom)")
 
 
 def test_spf_fail_only_marked_with_mail_from_reject_false(tmp_path: Path) -> None:
@@ -109,12 +120,17 @@ def test_spf_temperror_defers_only_with_temperror_defer(tmp_path: Path) -> None:
     reply, verdict = run(context(tmp_path), mail_from="a@flaky.test")
     assert reply is None and verdict is not None
     assert results(verdict)["spf"].result == "temperror"
-    reply, _ = run(context(tmp_path, "TempError_Defer yes\n"), mail_from="a@flaky.test")
+    reply, _ = run(context(tmp_path, "TempError_Defer yes\nMail_From_reject Fail\n"),
+                   mail_from="a@flaky.test")  # fmt: skip
     assert reply is not None and (reply.code, reply.xcode) == ("450", "4.7.24")
 
 
 def test_test_only_zero_never_rejects(tmp_path: Path) -> None:
-    reply, verdict = run(context(tmp_path, "TestOnly 0\n"), mail_from="alice@strict.test")
+    reply, verdict = run(context(tmp_path, "Mail_From_reject Fail\n"),
+                         mail_from="alice@strict.test")  # fmt: skip
+    assert reply is not None  # the same message is rejected with TestOnly 1
+    reply, verdict = run(context(tmp_path, "TestOnly 0\nMail_From_reject Fail\n"),
+                         mail_from="alice@strict.test")  # fmt: skip
     assert reply is None and verdict is not None
     assert results(verdict)["spf"].result == "fail"
 
@@ -173,7 +189,11 @@ def test_dmarc_fail_without_reject_failures_is_marked(tmp_path: Path) -> None:
     assert verdict is not None and verdict.action is Action.ACCEPT
     dmarc = results(verdict)["dmarc"]
     assert (dmarc.result, dmarc.header_from, dmarc.policy) == ("fail", "strict.test", "reject")
-    assert "dmarc=fail header.from=strict.test p=reject dis=reject" in verdict.log
+    # dis= is the disposition applied (as OpenDMARC writes it): nothing was enforced.
+    assert "dmarc=fail header.from=strict.test p=reject dis=none" in verdict.log
+    (value,) = [e.value for e in verdict.edits
+                if isinstance(e, AddHeader) and e.name == "Authentication-Results"]  # fmt: skip
+    assert "dmarc=fail (p=reject dis=none) header.from=strict.test" in value
 
 
 def test_dmarc_quarantine_is_held_with_hold_quarantined_messages(tmp_path: Path) -> None:

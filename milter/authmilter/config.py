@@ -43,6 +43,7 @@ class Support(StrEnum):
 
     SUPPORTED = "supported"
     IGNORED = "ignored"  # recognised, not implemented: warned about with file:line
+    FIXED = "fixed"  # authmilter always behaves as one value: the other is warned about
     RESOLVER = "resolver"  # configured the anchors' resolver library: warned about, not fatal
 
 
@@ -113,6 +114,7 @@ class Directive:
     doc: str
     attr: str = ""  # the Config attribute; derived from the name when empty
     choices: tuple[str, ...] = ()  # for Kind.CHOICE: the accepted spellings (case-insensitive)
+    fixed: Any = None  # for Support.FIXED: the value authmilter always behaves as
 
     @property
     def field_name(self) -> str:
@@ -143,12 +145,12 @@ DEFAULT_OMIT_HEADERS = (
 
 D, M, B, A = Component.OPENDKIM, Component.OPENDMARC, Component.BOTH, Component.AUTHMILTER
 P = Component.POLICYD_SPF
-S, IG, R = Support.SUPPORTED, Support.IGNORED, Support.RESOLVER
+S, IG, R, FX = Support.SUPPORTED, Support.IGNORED, Support.RESOLVER, Support.FIXED
 
 
 def _d(name: str, kind: Kind, default: Any, comp: Component, sup: Support, doc: str,
-       attr: str = "", choices: tuple[str, ...] = ()) -> Directive:  # fmt: skip
-    return Directive(name, kind, default, comp, sup, doc, attr, choices)
+       attr: str = "", choices: tuple[str, ...] = (), fixed: Any = None) -> Directive:  # fmt: skip
+    return Directive(name, kind, default, comp, sup, doc, attr, choices, fixed)
 
 
 HELO_REJECT_CHOICES = ("Fail", "SPF_Not_Pass", "Softfail", "Null", "False", "No_Check")
@@ -265,10 +267,12 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("PidFile", Kind.STRING, None, B, S, "Write the process id here."),
     _d("POPDBFile", Kind.DATASET, None, D, IG, "Not implemented."),
     _d("Quarantine", Kind.BOOL, False, D, IG, "Use On-BadSignature quarantine."),
-    _d("QueryCache", Kind.BOOL, False, D, S, "authmilter always caches DNS answers by their TTL."),
+    _d("QueryCache", Kind.BOOL, False, D, FX,
+       "authmilter always caches DNS answers for their TTL.", fixed=True),
     _d("RedirectFailuresTo", Kind.STRING, None, D, IG, "Not implemented."),
-    _d("RemoveARAll", Kind.BOOL, False, D, S,
-       "Always on: every A-R claiming our authserv-id is removed, whatever it carries."),
+    _d("RemoveARAll", Kind.BOOL, False, D, FX,
+       "Every A-R claiming our authserv-id (or a RemoveARFrom id) is removed, whatever results "
+       "it carries (RFC 8601 §5), not only those with a DKIM result.", fixed=True),
     _d("RemoveARFrom", Kind.LIST, (), D, S,
        "More authserv-ids (`host.example.com`, or `.example.com` for a domain) whose A-R are "
        "removed."),
@@ -334,7 +338,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("WeakSyntaxChecks", Kind.BOOL, False, D, IG, "Not implemented."),
     # -- OpenDMARC --------------------------------------------------------------------------
     _d("CopyFailuresTo", Kind.STRING, None, M, IG, "Not implemented."),
-    _d("DomainWhitelist", Kind.STRING, None, M, IG, "ARC is not evaluated by this version."),
+    _d("DomainWhitelist", Kind.STRING, None, M, IG, "ARC is not evaluated by this version.",
+       "dmarc_domain_whitelist"),  # not policyd-spf's Domain_Whitelist
     _d("DomainWhitelistFile", Kind.STRING, None, M, IG, "ARC is not evaluated by this version."),
     _d("DomainWhitelistSize", Kind.INT, 0, M, IG, "ARC is not evaluated by this version."),
     _d("FailureReports", Kind.BOOL, False, M, IG, "DMARC failure reports are not sent yet."),
@@ -344,8 +349,9 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("HistoryFile", Kind.STRING, None, M, IG, "Aggregate-report history is not kept yet."),
     _d("HoldQuarantinedMessages", Kind.BOOL, False, M, S,
        "Put p=quarantine failures in the MTA's hold queue."),
-    _d("IgnoreAuthenticatedClients", Kind.BOOL, False, M, S,
-       "Skip DMARC for SMTP-AUTH clients."),
+    _d("IgnoreAuthenticatedClients", Kind.BOOL, False, M, FX,
+       "Mail from SMTP-AUTH clients is outbound: it is signed, never DMARC-evaluated.",
+       fixed=True),
     _d("IgnoreHosts", Kind.HOSTS, DatasetSpec("127.0.0.1"), M, S,
        "Clients whose mail is not DMARC-evaluated (a file path, as OpenDMARC; default "
        "`127.0.0.1`)."),
@@ -363,18 +369,21 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("ReportCommand", Kind.STRING, None, M, IG, "DMARC failure reports are not sent yet."),
     _d("SPFIgnoreResults", Kind.BOOL, False, M, S,
        "Ignore SPF results in headers (authmilter never trusts them: it checks SPF itself)."),
-    _d("SPFSelfValidate", Kind.BOOL, False, M, S,
-       "Always on in effect: authmilter computes SPF itself.", "spf_self_validate"),
+    _d("SPFSelfValidate", Kind.BOOL, False, M, FX,
+       "authmilter always evaluates SPF itself (RFC 7489 §4.1).", fixed=True),
     _d("TrustedAuthservIDs", Kind.LIST, None, M, S,
-       "Upstream authserv-ids whose results are trusted (default: AuthservID).",
-       "trusted_authserv_ids"),
+       "Upstream authserv-ids whose results fill in what authmilter could not check itself, "
+       "for mail from a relay it does not SPF-check (skip_addresses, Whitelist); default none. "
+       "Our own id is never trusted.", "trusted_authserv_ids"),
     # -- policyd-spf (postfix-policyd-spf-python 3.0) ----------------------------------------
-    _d("HELO_reject", Kind.CHOICE, "Fail", P, S,
+    _d("HELO_reject", Kind.CHOICE, "False", P, S,
        "When to reject on the HELO identity: Fail, SPF_Not_Pass, Softfail, Null, False, "
-       "No_Check.", choices=HELO_REJECT_CHOICES),
-    _d("Mail_From_reject", Kind.CHOICE, "Fail", P, S,
+       "No_Check. Default `False` (never rejects); `Fail`, policyd-spf's default, when a "
+       "policyd-spf.conf is given (`--policyd-spf-conf`).", choices=HELO_REJECT_CHOICES),
+    _d("Mail_From_reject", Kind.CHOICE, "False", P, S,
        "When to reject on the MAIL FROM identity: Fail, SPF_Not_Pass, Softfail, False, "
-       "No_Check.", choices=MAIL_FROM_REJECT_CHOICES),
+       "No_Check. Default `False` (never rejects); `Fail`, policyd-spf's default, when a "
+       "policyd-spf.conf is given (`--policyd-spf-conf`).", choices=MAIL_FROM_REJECT_CHOICES),
     _d("PermError_reject", Kind.BOOL, False, P, S, "Reject on SPF permerror.",
        "permerror_reject"),
     _d("TempError_Defer", Kind.BOOL, False, P, S, "Defer (4xx) on SPF temperror.",
@@ -429,6 +438,11 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("MetricsListen", Kind.STRING, None, A, S,
        "Serve Prometheus metrics over HTTP on `address:port` (e.g. `127.0.0.1:9489`); "
        "unset (default) = no metrics endpoint."),
+    _d("SPFRejectAfterDMARC", Kind.BOOL, False, A, S,
+       "Hold an SPF reject or defer (HELO_reject, Mail_From_reject …) until the end of the "
+       "message and drop it when DMARC passes through an aligned DKIM signature, so forwarded "
+       "mail survives; otherwise it is applied then, with the same reply.",
+       "spf_reject_after_dmarc"),
 )
 
 _BY_LOWER: dict[str, Directive] = {d.name.lower(): d for d in DIRECTIVES}
@@ -489,8 +503,6 @@ class Config:
     oversign_headers: tuple[str, ...] = ("From",)
     peer_list: DatasetSpec | None = None
     pid_file: str | None = None
-    query_cache: bool = False
-    remove_ar_all: bool = False
     remove_ar_from: tuple[str, ...] = ()
     required_headers: bool = False
     require_safe_keys: bool = True
@@ -509,7 +521,6 @@ class Config:
     user_id: str | None = None
     # OpenDMARC
     hold_quarantined_messages: bool = False
-    ignore_authenticated_clients: bool = False
     ignore_hosts: DatasetSpec = DatasetSpec("127.0.0.1")
     ignore_mail_from: tuple[str, ...] = ()
     public_suffix_list: str | None = None
@@ -517,11 +528,10 @@ class Config:
     reject_multi_value_from: bool = False
     reject_string: str = "rejected by DMARC policy for %s"
     spf_ignore_results: bool = False
-    spf_self_validate: bool = False
     trusted_authserv_ids: tuple[str, ...] | None = None
     # policyd-spf
-    helo_reject: str = "Fail"
-    mail_from_reject: str = "Fail"
+    helo_reject: str = "False"
+    mail_from_reject: str = "False"
     permerror_reject: bool = False
     temperror_defer: bool = False
     skip_addresses: tuple[str, ...] = DEFAULT_SKIP_ADDRESSES
@@ -543,9 +553,12 @@ class Config:
     workers: int = 0
     dns_deadline: int = 20
     metrics_listen: str | None = None
+    spf_reject_after_dmarc: bool = False
     # Provenance, not configuration.
     ignored: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     where: Mapping[str, Location] = field(default_factory=dict, compare=False)
+    #: Why a default differs from the directive table's (e.g. policyd-spf's own defaults).
+    default_notes: Mapping[str, str] = field(default_factory=dict, compare=False)
     sources: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -910,12 +923,31 @@ def _dataset_spec(setting: Setting) -> DatasetSpec:
 
 _CONFIG_FIELDS = {f.name for f in fields(Config)}
 
+#: policyd-spf's own defaults (policyd-spf.conf(5)): they apply only when the user brings a
+#: policyd-spf.conf. Without one, SPF never rejects by itself, as with OpenDMARC (RFC 7489
+#: §10.1: rejecting on SPF alone, before DMARC, bounces forwarded mail that DKIM would save).
+POLICYD_SPF_DEFAULTS: Mapping[str, str] = {"HELO_reject": "Fail", "Mail_From_reject": "Fail"}
+
+
+def same_meaning(a: Setting, b: Setting) -> bool:
+    """Tell whether two settings of one directive mean the same (``yes`` and ``true``)."""
+    if a.value == b.value:
+        return True
+    try:
+        return bool(parse_value(a) == parse_value(b))
+    except ConfigError:
+        return False  # a bad value is reported when it is used
+
 
 def build_config(settings: Iterable[Setting], *,
-                 overrides: Mapping[str, str] | None = None) -> Loaded:  # fmt: skip
+                 overrides: Mapping[str, str] | None = None,
+                 defaults: Mapping[str, str] | None = None,
+                 defaults_note: str = "") -> Loaded:  # fmt: skip
     """Turn settings (last one wins within a source) into a ``Config`` and warnings.
 
     ``overrides`` maps directive names to values given on the command line (``-p`` → Socket).
+    ``defaults`` maps directive names to defaults that replace the table's where no setting
+    names them (policyd-spf's own, when its file is given); ``defaults_note`` says why.
 
     :raises ConfigError: on the first bad value or an unusable combination.
     """
@@ -923,7 +955,7 @@ def build_config(settings: Iterable[Setting], *,
     chosen: dict[str, Setting] = {}
     for s in settings:
         prev = chosen.get(s.directive.name)
-        if prev is not None and prev.value != s.value:
+        if prev is not None and not same_meaning(prev, s):
             warnings.append(ConfigWarning(
                 f"{s.directive.name} set again (first at {prev.where}); this value is used",
                 s.where))  # fmt: skip
@@ -934,6 +966,7 @@ def build_config(settings: Iterable[Setting], *,
 
     values: dict[str, Any] = {}
     where: dict[str, Location] = {}
+    notes: dict[str, str] = {}
     ignored: list[tuple[str, str]] = []
     for s in chosen.values():
         d = s.directive
@@ -941,6 +974,13 @@ def build_config(settings: Iterable[Setting], *,
         if d.support is Support.SUPPORTED:
             values[d.field_name] = value
             where[d.field_name] = s.where
+            continue
+        if d.support is Support.FIXED:
+            if value != d.fixed:
+                ignored.append((d.name, s.value))
+                warnings.append(ConfigWarning(
+                    f"{d.name} {s.value} is not honoured: authmilter always behaves as "
+                    f"{d.name} {_show(d.fixed)}. {d.doc}", s.where))  # fmt: skip
             continue
         ignored.append((d.name, s.value))
         if d.support is Support.RESOLVER:
@@ -952,6 +992,11 @@ def build_config(settings: Iterable[Setting], *,
                 f"{d.name} is recognised but not implemented by authmilter; ignored. {d.doc}",
                 s.where))  # fmt: skip
 
+    for name, text in (defaults or {}).items():
+        d = directive(name)
+        if d.field_name not in values:
+            values[d.field_name] = parse_value(Setting(d, text, Location("<default>")))
+            notes[d.field_name] = defaults_note
     # On-Default is "processed before the other On- values": it fills the ones not set.
     if "on_default" in values:
         for d in _ON_DIRECTIVES:
@@ -960,7 +1005,7 @@ def build_config(settings: Iterable[Setting], *,
 
     _check_combinations(values, where, warnings)
     assert set(values) <= _CONFIG_FIELDS, set(values) - _CONFIG_FIELDS
-    cfg = Config(**values, ignored=tuple(sorted(ignored)), where=where,
+    cfg = Config(**values, ignored=tuple(sorted(ignored)), where=where, default_notes=notes,
                  sources=tuple(dict.fromkeys(s.where.path for s in chosen.values())))  # fmt: skip
     return Loaded(cfg, tuple(warnings))
 
@@ -991,6 +1036,16 @@ def _check_combinations(values: dict[str, Any], where: Mapping[str, Location],
         raise ConfigError(
             f"single-key signing needs KeyFile and Selector; {_name_of(missing.pop())} is missing",
             where.get(single[0]))  # fmt: skip
+    # policyd-spf: with both identities at False (our default without its file), PermError_reject
+    # and TempError_Defer do nothing; say so rather than let an explicit option sit unused.
+    enforcing = {values.get("helo_reject", "False"), values.get("mail_from_reject", "False")}
+    if enforcing <= {"False", "No_Check"}:
+        for attr in ("temperror_defer", "permerror_reject"):
+            if values.get(attr):
+                warnings.append(ConfigWarning(
+                    f"{_name_of(attr)} has no effect while HELO_reject and Mail_From_reject are "
+                    "False or No_Check (their default without a policyd-spf.conf); set "
+                    "Mail_From_reject Fail to use it", where.get(attr)))  # fmt: skip
     if values.get("dns_deadline", 1) <= 0:
         raise ConfigError("DNSDeadline: must be a positive number of seconds",
                           where.get("dns_deadline"))  # fmt: skip
@@ -1043,7 +1098,9 @@ def load_split(opendkim_conf: str | None, opendmarc_conf: str | None,
     """Read a user's existing opendkim.conf, opendmarc.conf and policyd-spf.conf unchanged.
 
     A directive set differently by several files takes the value of the first in that order
-    (OpenDKIM, then OpenDMARC, then policyd-spf), with a warning that names both lines.
+    (OpenDKIM, then OpenDMARC, then policyd-spf), with a warning that names both lines; values
+    are compared by meaning (``Syslog yes`` and ``Syslog true`` agree). policyd-spf's defaults
+    (``HELO_reject Fail``, ``Mail_From_reject Fail``) apply only when its file is given.
 
     :raises ConfigError: naming file:line of the first problem.
     """
@@ -1066,12 +1123,16 @@ def load_split(opendkim_conf: str | None, opendmarc_conf: str | None,
             other = winner[s.directive.name]
             if first[s.directive.name] == i:
                 ordered.append(s)
-            elif other.value != s.value:
+            elif not same_meaning(other, s):
                 warnings.append(ConfigWarning(
                     f"{s.directive.name} is '{other.value}' in {other.where} and '{s.value}' "
                     "here; the earlier file's value is used (OpenDKIM, then OpenDMARC, then "
                     "policyd-spf)", s.where))  # fmt: skip
-    loaded = build_config(ordered, overrides=overrides)
+    # policyd-spf's defaults come with its file only: OpenDKIM and OpenDMARC never reject on SPF.
+    loaded = build_config(
+        ordered, overrides=overrides,
+        defaults=POLICYD_SPF_DEFAULTS if policyd_spf_conf else None,
+        defaults_note=f"policyd-spf's default, as {policyd_spf_conf} is given")  # fmt: skip
     return Loaded(loaded.config, (*warnings, *loaded.warnings))
 
 
@@ -1101,16 +1162,54 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _origin(cfg: Config, attr: str) -> str:
+    """Where a value comes from: file:line, or the default and why."""
+    loc = cfg.location(attr)
+    if loc is not None:
+        return str(loc)
+    note = cfg.default_notes.get(attr)
+    return f"default ({note})" if note else "default"
+
+
+def spf_enforcement_lines(cfg: Config) -> list[str]:
+    """What SPF alone does to a message, and which setting decides it (``config-test -v``)."""
+
+    def identity(attr: str, label: str) -> str:
+        value = getattr(cfg, attr)
+        name = _name_of(attr)
+        if value == "No_Check":
+            what = "not checked"
+        elif value == "False":
+            what = "checked, never rejects or defers by itself"
+        elif not cfg.test_only:
+            what = f"checked; would reject on {value} but TestOnly 0 never acts"
+        else:
+            what = f"rejects on {value}"
+        return f"# SPF {label}: {what}    ({name} {value}: {_origin(cfg, attr)})"
+
+    lines = [identity("mail_from_reject", "MAIL FROM"), identity("helo_reject", "HELO")]
+    if cfg.spf_reject_after_dmarc:
+        lines.append("# SPF rejects are held until the end of the message and dropped when DMARC "
+                     "passes through an aligned DKIM signature    (SPFRejectAfterDMARC yes: "
+                     f"{_origin(cfg, 'spf_reject_after_dmarc')})")  # fmt: skip
+    else:
+        lines.append("# SPF rejects and defers are answered at RCPT    (SPFRejectAfterDMARC "
+                     f"no: {_origin(cfg, 'spf_reject_after_dmarc')})")  # fmt: skip
+    return lines
+
+
 def effective_lines(cfg: Config) -> list[str]:
     """``Name value  # where`` for every supported directive, for ``config-test -v``."""
-    lines = []
+    lines = spf_enforcement_lines(cfg)
     for d in DIRECTIVES:
-        if d.support is not Support.SUPPORTED or d.name == "Include":
+        if d.name == "Include" or d.support in (Support.IGNORED, Support.RESOLVER):
+            continue
+        if d.support is Support.FIXED:
+            lines.append(f"{d.name:<28} {_show(d.fixed)}    # always: {d.doc}")
             continue
         value = getattr(cfg, d.field_name)
         shown = f"{value:04o}" if d.kind is Kind.OCTAL and value is not None else _show(value)
-        loc = cfg.location(d.field_name)
-        lines.append(f"{d.name:<28} {shown}" + (f"    # {loc}" if loc else "    # default"))
+        lines.append(f"{d.name:<28} {shown}    # {_origin(cfg, d.field_name)}")
     for name, value in cfg.ignored:
         lines.append(f"#{name:<27} {value}    # recognised, ignored")
     return lines
@@ -1129,7 +1228,8 @@ def directives_markdown() -> str:
             default = "—"
         else:
             default = _show(d.default)
-        status = {S: "supported", IG: "warned, ignored", R: "warned, ignored (resolver)"}[d.support]
+        status = {S: "supported", IG: "warned, ignored", R: "warned, ignored (resolver)",
+                  FX: f"always {_show(d.fixed)}"}[d.support]  # fmt: skip
         default = default.replace("|", "\\|")
         out.append(f"| `{d.name}` | {d.component.value} | {status} | {d.kind.value} | "
                    f"{default} | {d.doc.replace('|', chr(92) + '|')} |")  # fmt: skip

@@ -301,7 +301,12 @@ class Transaction:
         self.spf_checked = False
         self.spf: SpfOutcome | None = None
         self.spf_reply: Reply | None = None
+        # SPFRejectAfterDMARC: the SPF reply, held until DMARC is known at the end of message.
+        self.spf_held: Reply | None = None
         self.spf_note: str | None = None  # why SPF was not checked, or the whitelist entry
+        # The client is a relay the user exempted from SPF (skip_addresses, Whitelist …): the
+        # only mail whose upstream results (TrustedAuthservIDs) may fill in for our own.
+        self.trusted_relay = False
         self.spf_header: AddHeader | None = None
         self.headers: list[tuple[str, bytes]] = []
         self.header_bytes = 0
@@ -335,6 +340,9 @@ class Transaction:
             # One budget for the whole stage: Postfix waits milter_command_timeout for RCPT.
             with self.ctx.resolver.deadline(self.ctx.config.dns_deadline):
                 self._check_spf()
+            if self.spf_reply is not None and self.ctx.config.spf_reject_after_dmarc:
+                # Held: DMARC, at the end of the message, may still pass through DKIM.
+                self.spf_held, self.spf_reply = self.spf_reply, None
         return self.spf_reply
 
     def _check_spf(self) -> None:
@@ -350,10 +358,12 @@ class Transaction:
             return
         if ctx.spf_skip.matches(ip):
             self.spf_note = "skip_addresses"
+            self.trusted_relay = True
             return
         reason = whitelisted(ctx.spf_whitelist, ctx.spf, ip, conn.helo)
         if reason is not None:
             self.spf_note = reason
+            self.trusted_relay = True
             name, value = whitelist_comment(reason, ip, conn.helo, self.mail_from,
                                             self._receiver())  # fmt: skip
             self.spf_header = AddHeader(name, value)
@@ -526,6 +536,14 @@ class Transaction:
             return Verdict(action=Action.REJECT, reply=Reply("550", "5.6.0", why),
                            log=f"{qid}: {why}, action=reject")  # fmt: skip
         author_domain = dmarc.author_domain(from_values)
+        if cfg.required_headers and author_domain.status in (dmarc.FromStatus.ABSENT,
+                                                             dmarc.FromStatus.UNPARSEABLE):
+            # RFC 5322 §3.6.2: the From field holds the author's mailbox; without a domain
+            # neither DMARC (RFC 7489 §6.6.1) nor a reader can tell who sent the message.
+            why = (f"the From field names no author domain ({author_domain.detail}); "
+                   "RFC 5322 section 3.6.2 requires an author mailbox")  # fmt: skip
+            return Verdict(action=Action.REJECT, reply=Reply("550", "5.6.0", why),
+                           log=f"{qid}: {why}, action=reject")  # fmt: skip
         if (author_domain.status is dmarc.FromStatus.MULTIPLE_DOMAINS
                 and cfg.reject_multi_value_from):  # fmt: skip
             why = "the From field lists addresses of several domains"
@@ -556,10 +574,22 @@ class Transaction:
 
         dmarc_outcome = self._dmarc(originating, author_domain, outcomes)
         dmarc_action, dmarc_reply = self._dmarc_action(dmarc_outcome)
+        if dmarc_outcome is not None:
+            # dis= is what was done, as OpenDMARC writes it: quarantine only when held, none
+            # when the policy was not enforced (RejectFailures false, pct sampling, t=y).
+            dmarc_outcome = dataclasses.replace(dmarc_outcome, disposition=_APPLIED.get(
+                dmarc_action, DmarcPolicy.NONE))  # fmt: skip
         action, reply, why = dkim_action, dkim_reply, dkim_why
         if _SEVERITY[dmarc_action] > _SEVERITY[dkim_action]:
             action, reply = dmarc_action, dmarc_reply
             why = f"DMARC {dmarc_outcome.result.value}" if dmarc_outcome else "DMARC"
+        spf_why = self._held_spf(dmarc_outcome)
+        if spf_why and self.spf_held is not None:
+            held = self.spf_held
+            spf_action = Action.TEMPFAIL if held.code.startswith("4") else Action.REJECT
+            # At RCPT it would have come first: it wins a tie, so a spoof gets the same code.
+            if _SEVERITY[spf_action] >= _SEVERITY[action]:
+                action, reply, why = spf_action, held, spf_why
 
         if self.spf_header is not None:
             edits.append(self.spf_header)
@@ -583,7 +613,19 @@ class Transaction:
             parts.append(_describe_dmarc(dmarc_outcome))
         log = f"{qid}: {', '.join(parts)}{note}, action={action.value}"
         log += f" ({why})" if why and action is not Action.ACCEPT else ""
+        if self.spf_held is not None and not spf_why:
+            log += " (SPF reject dropped: DMARC passed through aligned DKIM)"
         return _verdict(action, edits, log, reply=reply, quarantine=why)
+
+    def _held_spf(self, dmarc_outcome: DmarcOutcome | None) -> str:
+        """Why a held SPF reply (SPFRejectAfterDMARC) still applies; empty when it is dropped
+        because DMARC passed through an aligned DKIM signature (forwarded mail, RFC 7489 §10.1)."""
+        if self.spf_held is None:
+            return ""
+        if (dmarc_outcome is not None and dmarc_outcome.result is DmarcResult.PASS
+                and dmarc_outcome.dkim_aligned):  # fmt: skip
+            return ""
+        return "SPF, held until DMARC: no DMARC pass through aligned DKIM"
 
     def _external_sender_note(self, originating: bool, author: str | None) -> str:
         """OpenDKIM's "external host tried to send as" remark, unless ExternalIgnoreList."""
@@ -611,7 +653,9 @@ class Transaction:
         dkim = list(outcomes)
         trusted = [t for t in cfg.trusted_authserv_ids or ()
                    if t.lower() not in {i.lower() for i in ctx.removable_ids()}]  # fmt: skip
-        if trusted:
+        if trusted and self.trusted_relay:
+            # Only from a relay the user exempted from our SPF check: mail straight from the
+            # internet may carry any A-R naming a trusted id (RFC 8601 §7.1), and is ignored.
             # Results a trusted border host wrote (never our own id: those are forgeries).
             values = [_unfold(v) for n, v in self.headers if n.lower() == "authentication-results"]
             upstream = authresults.trusted_upstream(values, trusted)
@@ -715,6 +759,9 @@ def choose_action(cfg: Config, outcomes: Iterable[DkimOutcome]
         return action, f"{o.result.value} for d={o.domain}: {o.reason or problem.value}", problem
     return Action.ACCEPT, "", None
 
+
+#: The DMARC disposition (A-R ``dis=``) of each action the DMARC policy led to.
+_APPLIED = {Action.REJECT: DmarcPolicy.REJECT, Action.QUARANTINE: DmarcPolicy.QUARANTINE}
 
 #: When DKIM and DMARC disagree, the stronger action wins; a tempfail (the mail comes back)
 #: ranks above a discard (the mail is gone).
