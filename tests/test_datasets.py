@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import ipaddress
+import locale
+import re
 import socket
 import string
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authmilter.datasets import (
@@ -20,6 +24,15 @@ from authmilter.datasets import (
     open_dataset,
     parse_spec,
     split_fields,
+)
+from authmilter.ere import (
+    BitMatcher,
+    RefilePattern,
+    RegexError,
+    as_bytes,
+    mkregexp,
+    python_regex,
+    subject,
 )
 from authmilter.errors import ConfigError, Location
 
@@ -395,14 +408,19 @@ def test_refile_comments_blank_lines_and_values(tmp_path: Path) -> None:
     assert "bareword" in ds
 
 
-def test_refile_indented_line_is_config_error_at_data_file_line(tmp_path: Path) -> None:
+def test_refile_indented_line_is_dropped_as_opendkim_does_with_a_warning(tmp_path: Path) -> None:
     path = write(
         tmp_path, "r", "*@example.com k\n   # indented comment is fine\n  *@example.net k\n"
     )
-    with pytest.raises(ConfigError) as info:
-        open_dataset(f"refile:{path}", where=CONF_LINE)
-    assert info.value.where == Location(path, 3)
-    assert "starts with whitespace" in info.value.message
+    ds = open_dataset(f"refile:{path}", where=CONF_LINE)
+    assert isinstance(ds, RegexDataset)
+    assert ds.get("a@example.com") == "k" and ds.get("a@example.net") is None
+    ((message, where),) = ds.warnings
+    assert where == Location(path, 3)
+    assert message.startswith("refile line '*@example.net k' starts with whitespace")
+    hosts = HostList.from_dataset(open_dataset(f"refile:{write(tmp_path, 'h', ' 10.0.0.0/8')}"))
+    assert not hosts.matches("10.1.2.3")
+    assert [m for m, _w in hosts.warnings][0].startswith("refile line '10.0.0.0/8' starts with")
 
 
 def test_refile_dataset_spec_and_source(tmp_path: Path) -> None:
@@ -900,7 +918,8 @@ def test_refile_host_list_matches_tutorial_trusted_hosts(tmp_path: Path) -> None
 def test_refile_host_list_star_suffix_matches_addresses_with_that_prefix(tmp_path: Path) -> None:
     internal, _path = refile_hosts(tmp_path, "192.168.1.*\n172.16.*\n")
     assert internal.matches("192.168.1.4")
-    assert internal.matches("::ffff:192.168.1.4")
+    # OpenDKIM probes an IPv4-mapped client in its IPv6 spelling: no IPv4 line matches it.
+    assert not internal.matches("::ffff:192.168.1.4")
     assert internal.matches("172.31.0.1")  # via the probe 172.16.0.0/12
     assert not internal.matches("192.168.2.1")
     assert not internal.matches("10.192.168.1")
@@ -935,7 +954,7 @@ def test_refile_host_list_star_suffix_also_matches_the_wider_masked_block(tmp_pa
 
 
 def test_refile_host_list_cidr_pattern_matches_through_the_masked_probe(tmp_path: Path) -> None:
-    internal, _path = refile_hosts(tmp_path, "10.0.0.0/8\n[198.51.100.0]/24\n2001:db8::/32\n")
+    internal, _path = refile_hosts(tmp_path, "10.0.0.0/8\n198.51.100.0/24\n2001:db8::/32\n")
     assert internal.matches("10.255.1.2")
     assert internal.matches("198.51.100.200")
     assert internal.matches("2001:db8:abcd::1")
@@ -1002,17 +1021,18 @@ def test_refile_host_list_find_reports_the_first_matching_line(tmp_path: Path) -
     assert [entry.text for entry in internal.entries] == ["192.168.*", "192.168.1.*"]
 
 
-def test_refile_host_list_regex_syntax_is_literal_here_and_warned(tmp_path: Path) -> None:
+def test_refile_host_list_regex_syntax_is_live_as_in_opendkim_and_warned(tmp_path: Path) -> None:
     internal, path = refile_hosts(tmp_path, "[192.0.2.1]\nmx.(a|b).example\n")
-    # OpenDKIM's regcomp() would read "[192.0.2.1]" as a one-character class.
-    assert internal.matches("192.0.2.1")
-    assert internal.matches(None, "mx.(a|b).example")
-    assert not internal.matches(None, "mx.a.example")
+    # OpenDKIM's regcomp() reads "[192.0.2.1]" as a one-character class: it never matches.
+    assert not internal.matches("192.0.2.1")
+    assert not internal.matches(None, "mx.(a|b).example")
+    assert internal.matches(None, "mx.a.example")
     assert [where for _message, where in internal.warnings] == [
         Location(path, 1),
         Location(path, 2),
     ]
-    assert "regular-expression syntax" in internal.warnings[0][0]
+    assert internal.warnings[0][0].endswith("write '192.0.2.1'")
+    assert "regular expression" in internal.warnings[1][0]
 
 
 def test_refile_host_list_address_spelled_unlike_opendkim_never_matches_and_is_warned(
@@ -1076,3 +1096,320 @@ def test_find_returns_the_deciding_entry_with_its_location(tmp_path: Path) -> No
     assert by_name.where == Location(path, 3)
     assert by_name.network is None
     assert internal.find("10.0.0.1") is None
+
+
+# --- refile: host lists as Debian's OpenDKIM binary matches them ------------------------------
+#
+# Measured with the real /usr/sbin/opendkim of Debian 12 (opendkim 2.11.0~beta2-8+deb12u1,
+# glibc 2.36): for each case a TrustedHosts file holding the lines, and
+#
+#     Mode s
+#     Domain example.org
+#     Selector sel
+#     KeyFile /root/refile_probe/sel.private      # opendkim-genkey -d example.org -s sel
+#     InternalHosts refile:/root/refile_probe/cN/TrustedHosts
+#     Socket local:/root/refile_probe/cN/sock
+#     Syslog no
+#
+# run as `opendkim -x opendkim.conf -f`, then `miltertest -s probe.lua`, where probe.lua does,
+# per client (host name, address):
+#
+#     local conn = mt.connect("local:/root/refile_probe/cN/sock", 40, 0.05)
+#     mt.conninfo(conn, host, ip)
+#     mt.macro(conn, SMFIC_MAIL, "i", "QID1")
+#     mt.mailfrom(conn, "user@example.org");  mt.rcptto(conn, "rcpt@example.net")
+#     mt.header(conn, "From", "user@example.org")   -- and To, Subject, Date
+#     mt.eoh(conn);  mt.bodystring(conn, "hello\r\n");  mt.eom(conn)
+#     signed = mt.eom_check(conn, MT_HDRINSERT, "DKIM-Signature")
+#
+# (checking mt.getreply() after each step: an external client gets SMFIR_ACCEPT at end of
+# header, Mode s having nothing to do for it). "Signed" means OpenDKIM found the client
+# internal. REFUSED: opendkim exits at start with "refile:…/TrustedHosts: dkimf_db_open():
+# Error compiling regular expression". The tutorial rows were also sent through a private
+# Postfix (tests/postfix_fixture.py, inbound port, PROXY client 198.51.100.7) with the tutorial
+# opendkim.conf (Mode sv, InternalHosts and ExternalIgnoreList refile:TrustedHosts, refile
+# KeyTable/SigningTable): signed. (`make compare`'s sign-from-trusted-cidr difference is not
+# OpenDKIM's: its syslog shows "DKIM-Signature field added", then OpenDMARC rejects the message
+# — SPF fails and it does not see the signature OpenDKIM is adding.)
+#
+# Columns: TrustedHosts lines, client host name, client address, OpenDKIM found it internal.
+# HostList agrees on every row (test_refile_host_list_agrees_with_the_opendkim_binary).
+
+TUTORIAL_A = "127.0.0.1\nlocalhost\n192.168.0.0/16\n*.example.com"
+TUTORIAL_B = "127.0.0.1\nlocalhost\n198.51.100.0/24\n\n*.sign.example.com"
+REFUSED = "refuses to start"
+
+OPENDKIM_MEASURED: list[tuple[str, str, str, bool | str]] = [
+    ("198.51.100.0/24", "client.invalid", "198.51.100.7", True),
+    ("198.51.100.0/24", "unknown", "198.51.100.7", True),
+    ("198.51.100.0/24", "[198.51.100.7]", "198.51.100.7", True),
+    ("198.51.100.0/24", "client.invalid", "198.51.101.7", False),
+    ("198.51.100.7", "client.invalid", "198.51.100.7", True),
+    ("198.51.100.7", "client.invalid", "198.51.100.70", False),
+    ("198.51.100.7", "client.invalid", "198.51.100.8", False),
+    ("198.51.100.*", "client.invalid", "198.51.100.7", True),
+    ("198.51.100.*", "client.invalid", "198.51.101.7", True),
+    ("*.example.com", "mail.example.com", "203.0.113.7", False),
+    ("*.example.com", "example.com", "203.0.113.7", False),
+    ("*.example.com", "client.invalid", "203.0.113.7", False),
+    (".example.com", "mail.example.com", "203.0.113.7", True),
+    (".example.com", "a.b.example.com", "203.0.113.7", True),
+    (".example.com", "example.com", "203.0.113.7", False),
+    (".example.com", "notexample.com", "203.0.113.7", False),
+    ("mail.example.com", "mail.example.com", "203.0.113.7", True),
+    ("mail.example.com", "MAIL.Example.COM", "203.0.113.7", True),
+    ("mail.example.com", "x.mail.example.com", "203.0.113.7", False),
+    ("mail.example.com", "ail.example.com", "203.0.113.7", False),
+    ("!198.51.100.9\n198.51.100.*", "client.invalid", "198.51.100.9", False),
+    ("!198.51.100.9\n198.51.100.*", "client.invalid", "198.51.100.7", True),
+    ("198.51.100.*\n!198.51.100.9", "client.invalid", "198.51.100.9", False),
+    ("198.51.100.*\n!198.51.100.9", "client.invalid", "198.51.100.7", True),
+    ("!198.51.100.9\n198.51.100.0/24", "client.invalid", "198.51.100.9", False),
+    ("!198.51.100.9\n198.51.100.0/24", "client.invalid", "198.51.100.7", True),
+    ("localhost", "localhost", "203.0.113.7", True),
+    ("localhost", "localhost", "127.0.0.1", True),
+    ("[198.51.100.7]", "client.invalid", "198.51.100.7", False),
+    ("[198.51.100.7]", "[198.51.100.7]", "203.0.113.9", False),
+    ("10.*", "client.invalid", "11.2.3.4", True),
+    ("10.*", "client.invalid", "10.2.3.4", True),
+    ("10.*", "client.invalid", "12.2.3.4", False),
+    ("192.168.*", "client.invalid", "192.168.7.7", True),
+    ("192.168.*", "client.invalid", "192.169.7.7", True),
+    ("192.168.*", "client.invalid", "192.175.7.7", True),
+    ("192.168.*", "client.invalid", "192.176.7.7", False),
+    ("2001:db8::1", "client.invalid", "2001:db8::1", True),
+    ("2001:db8::1", "client.invalid", "2001:db8::2", False),
+    ("2001:db8::/32", "client.invalid", "2001:db8::1", True),
+    ("2001:db8::/32", "client.invalid", "2001:db9::1", False),
+    ("198.51.100", "client.invalid", "198.51.100.7", False),
+    ("example.com", "mail.example.com", "203.0.113.7", False),
+    ("example.com", "example.com", "203.0.113.7", True),
+    ("51.100.7", "client.invalid", "198.51.100.7", False),
+    (TUTORIAL_A, "client.invalid", "192.168.7.7", True),
+    (TUTORIAL_A, "localhost", "203.0.113.7", True),
+    (TUTORIAL_A, "mail.example.com", "203.0.113.7", False),
+    (TUTORIAL_A, "mail.example.com", "192.168.7.7", True),
+    (TUTORIAL_A, "unknown", "192.168.7.7", True),
+    (TUTORIAL_B, "client.invalid", "198.51.100.7", True),
+    (TUTORIAL_B, "unknown", "198.51.100.7", True),
+    (TUTORIAL_B, "[198.51.100.7]", "198.51.100.7", True),
+    (TUTORIAL_B, "client.sign.example.com", "198.51.100.7", True),
+    (TUTORIAL_B, "localhost", "127.0.0.1", True),
+    ("mx.(a|b).example", "mx.a.example", "203.0.113.7", True),
+    ("mx.(a|b).example", "mx.(a|b).example", "203.0.113.7", False),
+    ("mail?.example.com", "mai.example.com", "203.0.113.7", True),
+    ("mail?.example.com", "mail.example.com", "203.0.113.7", True),
+    ("mail?.example.com", "mailx.example.com", "203.0.113.7", False),
+    ("198.51.100.[0-9]", "client.invalid", "198.51.100.7", True),
+    ("198.51.100.[0-9]", "client.invalid", "198.51.100.17", False),
+    ("198.51.100.7|mail.example.com", "client.invalid", "198.51.100.7", True),
+    ("198.51.100.7|mail.example.com", "client.invalid", "198.51.100.77", True),
+    ("198.51.100.7|mail.example.com", "mail.example.com", "203.0.113.7", False),
+    ("198.51.100.7|mail.example.com", "xmail.example.com", "203.0.113.7", False),
+    ("^198.51.100.7$", "client.invalid", "198.51.100.7", True),
+    ("198.51.100.7{1}", "client.invalid", "198.51.100.7", True),
+    ("198.51.100.7 some words here", "client.invalid", "198.51.100.7", True),
+    ("MAIL.EXAMPLE.COM", "mail.example.com", "203.0.113.7", True),
+    ("*", "mail.example.com", "203.0.113.7", False),
+    ("198.51.100.0/24", "client.invalid", "::ffff:198.51.100.7", False),
+    ("::ffff:198.51.100.7", "client.invalid", "::ffff:198.51.100.7", True),
+    ("[198.51.100.7", "client.invalid", "198.51.100.7", REFUSED),
+    ("?mail.example.com", "mail.example.com", "203.0.113.7", REFUSED),
+    ("mail.example.com{", "mail.example.com", "203.0.113.7", REFUSED),
+    ("(mail.example.com", "mail.example.com", "203.0.113.7", REFUSED),
+    ("mail.example.com)", "mail.example.com)", "203.0.113.7", True),
+    ("mail.example.com)", "mail.example.com", "203.0.113.7", False),
+    ("mail\\.example.com", "mail.example.com", "203.0.113.7", False),
+    ("mail\\.example.com", "mail\\.example.com", "203.0.113.7", True),
+    ("[[:alpha:]]*.example.com", "mail.example.com", "203.0.113.7", True),
+    ("[[:alpha:]]*.example.com", "1mail.example.com", "203.0.113.7", False),
+    ("127.0.0.1:value", "client.invalid", "127.0.0.1", False),
+    ("2001:db8::1 x", "client.invalid", "2001:db8::1", True),
+    ("!*.example.com\nmail.example.com", "mail.example.com", "203.0.113.7", False),
+    ("*.example.com\n198.51.100.7", "mail.example.com", "198.51.100.7", True),
+    ("[198.51.100.0]/24", "client.invalid", "198.51.100.200", False),
+    ("2001:db8:*", "client.invalid", "2001:dbf::1", True),
+    ("2001:db8:*", "client.invalid", "2001:dc0::1", False),
+    ("*.example.com\nmail.example.com\n192.0.2.0/24", "www.example.com", "192.0.2.7", True),
+    ("(a|b).example.com", "a.example.com", "203.0.113.7", True),
+    ("!*.guest.example.com\n.example.com", "pc.guest.example.com", "203.0.113.7", False),
+    ("!*.guest.example.com\n.example.com", "pc.example.com", "203.0.113.7", True),
+]
+
+
+@pytest.mark.parametrize(("lines", "hostname", "ip", "internal"), OPENDKIM_MEASURED)
+def test_refile_host_list_agrees_with_the_opendkim_binary(
+    tmp_path: Path, lines: str, hostname: str, ip: str, internal: bool | str
+) -> None:
+    path = write(tmp_path, "TrustedHosts", lines + "\n")
+    if internal == REFUSED:
+        with pytest.raises(ConfigError) as info:
+            HostList.from_dataset(open_dataset(f"refile:{path}", where=CONF_LINE))
+        assert info.value.where == Location(path, 1)
+        assert "OpenDKIM refuses to start with this file" in info.value.message
+        return
+    hosts = HostList.from_dataset(open_dataset(f"refile:{path}", where=CONF_LINE))
+    assert hosts.matches(ip, hostname) is internal
+
+
+def test_refile_cidr_line_makes_the_address_internal_as_in_opendkim(tmp_path: Path) -> None:
+    # The brief's case: "198.51.100.0/24" and client 198.51.100.7. dkimf_checkip() probes
+    # "198.51.100.0/24" (the /24 step), which ^198\.51\.100\.0/24$ matches.
+    internal, _path = refile_hosts(tmp_path, "198.51.100.0/24\n")
+    assert internal.matches("198.51.100.7", "unknown")
+    assert internal.matches("198.51.100.7", "[198.51.100.7]")
+    assert not internal.matches("198.51.101.7")
+    assert internal.warnings == ()
+
+
+def test_refile_bracketed_address_never_matches_and_says_what_to_write(tmp_path: Path) -> None:
+    internal, path = refile_hosts(tmp_path, "[198.51.100.7]\n![198.51.100.0]/24\n[2001:db8::1]\n")
+    assert not internal.matches("198.51.100.7", "[198.51.100.7]")
+    assert not internal.matches("2001:db8::1", "[2001:db8::1]")
+    assert [where for _message, where in internal.warnings] == [
+        Location(path, 1),
+        Location(path, 2),
+        Location(path, 3),
+    ]
+    first, second, third = (message for message, _where in internal.warnings)
+    assert first == (
+        "refile pattern '[198.51.100.7]' never matches: OpenDKIM reads the square brackets as "
+        "a regular-expression class that matches a single character, not as a bracketed "
+        "address; write '198.51.100.7'"
+    )
+    assert second.endswith("write '!198.51.100.0/24'")
+    assert third.endswith("write '2001:db8::1'")
+
+
+def test_refile_escaped_dot_never_matches_and_says_what_to_write(tmp_path: Path) -> None:
+    internal, path = refile_hosts(tmp_path, "mail\\.example\\.com\n")
+    assert not internal.matches(None, "mail.example.com")
+    ((message, where),) = internal.warnings
+    assert where == Location(path, 1)
+    assert message.startswith("refile pattern 'mail\\.example\\.com' never matches a host name")
+    assert "'^mail\\\\.example\\\\.com$'" in message
+    assert message.endswith("write 'mail.example.com'")
+
+
+def test_refile_top_level_alternation_is_half_anchored_and_warned(tmp_path: Path) -> None:
+    internal, path = refile_hosts(tmp_path, "198.51.100.7|mail.example.com\n")
+    # ^198\.51\.100\.7|mail\.example\.com$: the first branch also matches 198.51.100.77, the
+    # second also matches the "!mail.example.com" probe, which excludes the host.
+    assert internal.matches("198.51.100.77")
+    assert not internal.matches(None, "mail.example.com")
+    ((message, where),) = internal.warnings
+    assert where == Location(path, 1)
+    assert "has '|' outside parentheses" in message
+    assert "'^198\\.51\\.100\\.7|mail\\.example\\.com$'" in message
+    assert message.endswith("write one line per alternative")
+
+
+def test_refile_other_regex_syntax_is_live_and_warned(tmp_path: Path) -> None:
+    internal, path = refile_hosts(tmp_path, "mail?.example.com\nmx.(a|b).example\n")
+    assert internal.matches(None, "mai.example.com")
+    assert internal.matches(None, "mx.b.example")
+    assert not internal.matches(None, "mailx.example.com")
+    first, second = internal.warnings
+    assert first == (
+        "refile pattern 'mail?.example.com' contains ?: OpenDKIM compiles it as the POSIX "
+        "extended regular expression '^mail?\\.example\\.com$' ('?' makes the character before "
+        "it optional; it is no one-character wildcard), and authmilter matches it the same way; "
+        "check that it means what you intend",
+        Location(path, 1),
+    )
+    assert second[0].startswith("refile pattern 'mx.(a|b).example' contains ( ) |:")
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("[198.51.100.7", "Unmatched [, [^, [:, [., or [="),
+        ("?mail.example.com", "Invalid preceding regular expression"),
+        ("mail.example.com{", "Unmatched \\{"),
+        ("(mail.example.com", "Unmatched ( or \\("),
+        ("a{2,1}", "Invalid content of \\{\\}"),
+        ("[z-a]", "Invalid range end"),
+        ("[[:word:]]", "Invalid character class name"),
+        ("\\1(a)", "Invalid back reference"),
+    ],
+)
+def test_refile_pattern_opendkim_cannot_compile_is_a_config_error_at_its_line(
+    tmp_path: Path, line: str, reason: str
+) -> None:
+    path = write(tmp_path, "TrustedHosts", f"127.0.0.1\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        HostList.from_dataset(open_dataset(f"refile:{path}", where=CONF_LINE))
+    assert info.value.where == Location(path, 2)
+    assert info.value.message.startswith(
+        f"refile pattern '{line}' is not a regular expression OpenDKIM can compile ({reason}), "
+        "so OpenDKIM refuses to start with this file"
+    )
+
+
+def test_refile_ipv4_mapped_client_is_probed_in_its_ipv6_spelling(tmp_path: Path) -> None:
+    internal, _path = refile_hosts(tmp_path, "198.51.100.0/24\n::ffff:192.0.2.0/120\n")
+    assert not internal.matches("::ffff:198.51.100.7")
+    assert internal.matches("198.51.100.7")
+    assert internal.matches("::ffff:192.0.2.9")
+    assert not internal.matches("192.0.2.9")
+
+
+def test_refile_nested_repetition_is_matched_without_backtracking(tmp_path: Path) -> None:
+    # ^b(.*){20}x$ would make a backtracking matcher take exponential time on a long name.
+    internal, _path = refile_hosts(tmp_path, "b(*){20}x\n((a|aa)){1,}.example\n")
+    assert internal.matches(None, "a" * 250 + ".example")
+    assert internal.matches(None, "b" * 250 + "x")
+    assert not internal.matches(None, "b" * 250)
+    assert not internal.matches(None, "a" * 250 + ".examplex")
+
+
+# glibc's regcomp()/regexec() itself, to check EreParser and both matchers against.
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+_GLIBC = hasattr(_LIBC, "gnu_get_libc_version")
+_REG_FLAGS = 1 | 2 | 8  # REG_EXTENDED | REG_ICASE | REG_NOSUB
+
+_PIECES = [
+    *"ab.A*+?[](){}|^$\\-,0129!:/_",
+    "[[:alpha:]]", "[[:upper:]]", "[[:lower:]]", "[[:digit:]]", "[[:punct:]]", "[[:foo:]]",
+    "[[:space:]", "[[=a=]]", "[[=ab=]]", "[^a-z]", "[a-]", "[]a]", "[^]]", "[0-z]", "{1,2}",
+    "{2}", "{,3}", "{1,}", "{3,1}", "\\1", "\\2", "\\w", "\\W", "\\s", "\\b", "\\B", "\\<",
+    "\\>", "\\`", "\\'", "\\.", "\\q", "\\Q", "é", "[a-é]", "[é-z]",
+]  # fmt: skip
+_SUBJECT = st.text(alphabet="aAbB.!-_ 019:/,()[]{}\\$^?*+|é", max_size=10)
+
+
+@pytest.mark.skipif(not _GLIBC, reason="cross-checks against glibc's regcomp()")
+@settings(max_examples=3000, deadline=None)
+@given(pieces=st.lists(st.sampled_from(_PIECES), min_size=1, max_size=7),
+       subjects=st.lists(_SUBJECT, min_size=1, max_size=8))  # fmt: skip
+def test_refile_patterns_compile_and_match_as_glibc_regcomp_does(
+    pieces: list[str], subjects: list[str]
+) -> None:
+    pattern = "".join(pieces)
+    regex = mkregexp(as_bytes(pattern))
+    saved = locale.setlocale(locale.LC_ALL)
+    locale.setlocale(locale.LC_ALL, "C")  # OpenDKIM never calls setlocale()
+    buffer = ctypes.create_string_buffer(1024)  # sizeof(regex_t) is 64 on x86-64
+    try:
+        status = _LIBC.regcomp(buffer, regex, _REG_FLAGS)
+        try:
+            compiled = RefilePattern.compile(pattern)
+        except RegexError as exc:
+            assert status == exc.code, (pattern, regex)
+            return
+        assert status == 0, (pattern, regex)
+        try:
+            python = re.compile(python_regex(compiled.tree, "g").encode("latin-1"))
+            bits = BitMatcher(compiled.tree)
+            backrefs = "\\1" in pattern or "\\2" in pattern
+            for text in subjects:
+                data = as_bytes(text)
+                expected = _LIBC.regexec(buffer, data, 0, None, 0) == 0
+                assert bool(compiled.search(subject(text))) is expected, (regex, text)
+                assert bool(python.search(subject(text))) is expected, (regex, text)
+                if not backrefs:
+                    assert bits.search(subject(text)) is expected, (regex, text)
+        finally:
+            _LIBC.regfree(buffer)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)

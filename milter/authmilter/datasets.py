@@ -7,7 +7,8 @@ OpenDKIM 2.11's ``dkimf_db_open()`` decides it:
 * ``file:PATH`` or a bare ``/PATH`` (we also take ``./PATH`` and ``../PATH``): a flat file, one
   ``key [value]`` entry per line (:class:`FileDataset`);
 * ``refile:PATH``: one ``pattern [value]`` per line, ``*`` the only wildcard
-  (:class:`RegexDataset`);
+  (:class:`RegexDataset`; a :class:`HostList` reads the patterns as the regular expressions
+  OpenDKIM makes of them);
 * ``csl:a,b=c`` or any other string: a comma-separated list (:class:`ListDataset`);
 * ``db:``, ``dsn:``, ``ldap:`` … and a bare name ending in ``.db``: known to OpenDKIM, not supported
   here, a :class:`~authmilter.errors.ConfigError`.
@@ -37,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, TypeAlias
 
+from authmilter.ere import Alt, Node, RefilePattern, RegexError, as_bytes, mkregexp, subject
 from authmilter.errors import ConfigError, Location
 
 __all__ = [
@@ -355,7 +357,9 @@ class RegexDataset(Dataset):
     included) and every other character is literal, so ``*@example.com`` matches
     ``user@example.com`` but not ``user@sub.example.com``. (OpenDKIM's ``dkimf_mkregexp()``
     escapes only ``.`` and ``+`` and hands other regex metacharacters such as ``?``, ``[`` or
-    ``|`` to ``regcomp()``; authmilter follows the documented rule and keeps them literal.)
+    ``|`` to ``regcomp()``; for these lookups authmilter follows the documented rule and keeps
+    them literal. A :class:`HostList` built from a refile: dataset compiles its lines exactly
+    as OpenDKIM does, regex syntax included.)
     """
 
     kind: ClassVar[str] = "refile"
@@ -365,6 +369,8 @@ class RegexDataset(Dataset):
     records: tuple[Record, ...]
     case_sensitive: bool = False
     ascii_only: bool = False
+    #: ``(message, where)`` for lines OpenDKIM silently drops (kept out of ``records``).
+    warnings: tuple[tuple[str, Location], ...] = ()
     _patterns: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -385,18 +391,19 @@ class RegexDataset(Dataset):
     ) -> RegexDataset:
         """Parse the text of a pattern file; ``path`` names it in each entry's location.
 
-        :raises ConfigError: at ``path:line`` for a pattern line that starts with a blank.
-            OpenDKIM 2.11 cuts the pattern at the first blank, finds it empty and silently drops
-            the whole line; authmilter refuses rather than quietly disagree with it.
+        A pattern line that starts with a blank is dropped, as OpenDKIM 2.11 drops it (it cuts
+        the pattern at the first blank and finds it empty), and named in :attr:`warnings`, so
+        that a file OpenDKIM starts with is never refused and the dropped line is never silent.
         """
         records: list[Record] = []
+        warnings: list[tuple[str, Location]] = []
         for lineno, line in _data_lines(text):
             if line[0] in _WS:
-                raise ConfigError(
-                    "refile line starts with whitespace, which OpenDKIM silently ignores; "
-                    "remove the indentation (or comment the line out)",
-                    Location(path, lineno),
-                )
+                warnings.append((
+                    f"refile line '{line.strip(_WS)}' starts with whitespace, so it is ignored "
+                    "(as OpenDKIM ignores it); remove the indentation to use it",
+                    Location(path, lineno)))  # fmt: skip
+                continue
             records.append((*_key_value(line), Location(path, lineno)))
         return cls(
             spec=f"refile:{path}" if spec is None else spec,
@@ -404,6 +411,7 @@ class RegexDataset(Dataset):
             records=tuple(records),
             case_sensitive=case_sensitive,
             ascii_only=ascii_only,
+            warnings=tuple(warnings),
         )
 
     def get_all(self, key: str) -> list[str]:
@@ -487,9 +495,6 @@ _STAR_DOMAIN_RE: Final = re.compile(r"\*\.(?P<domain>[^*.][^*]*)")
 _STAR_IPV4_RE: Final = re.compile(r"(?P<octets>(?:[0-9]{1,3}\.){1,3})\*(?:\.\*)*")
 # A dotted quad cut short ("192.168.1." or "192.168.1"): one to three octets.
 _PARTIAL_IPV4_RE: Final = re.compile(r"[0-9]{1,3}\.|[0-9]{1,3}(?:\.[0-9]{1,3}){1,2}\.?")
-# compile_wildcard()'s flags without case_sensitive: OpenDKIM opens host lists with
-# DKIMF_DB_FLAG_ICASE, so their refile patterns are compiled with REG_ICASE.
-_PATTERN_FLAGS: Final = re.DOTALL | re.ASCII | re.IGNORECASE
 _V4_FULL: Final = (1 << 32) - 1
 _V6_FULL: Final = (1 << 128) - 1
 
@@ -692,8 +697,29 @@ def _star_ipv4_pattern_warning(text: str, octets_text: str, bang: str) -> list[s
     ]
 
 
-def _pattern_warnings(text: str) -> list[str]:
-    """Say what is surprising about a ``refile:`` host-list pattern (nothing for most)."""
+def _regex_advice() -> str:
+    """What to do about regular-expression syntax in a host-list pattern."""
+    return (
+        "OpenDKIM turns '*' into '.*' and takes '.' and '+' literally, but reads "
+        "( ) [ ] { } ? | ^ $ \\ as regular-expression syntax: remove them, or balance them"
+    )
+
+
+def _pattern_error(text: str, error: RegexError) -> str:
+    """The message for a pattern glibc's ``regcomp()`` refuses (OpenDKIM then will not start)."""
+    return (
+        f"refile pattern '{text}' is not a regular expression OpenDKIM can compile ({error}), "
+        f"so OpenDKIM refuses to start with this file (dkimf_db_open(): Error compiling "
+        f"regular expression); {_regex_advice()}"
+    )
+
+
+def _pattern_warnings(text: str, tree: Node) -> list[str]:
+    """Say what is surprising about a ``refile:`` host-list pattern (nothing for most).
+
+    ``tree`` is the pattern as OpenDKIM compiles it (:class:`EreParser`). Each message says
+    what OpenDKIM does with the line and, for a line that can never match, what to write.
+    """
     body = text[1:] if text.startswith("!") else text
     bang = "!" if text.startswith("!") else ""
     found: list[str] = []
@@ -710,13 +736,7 @@ def _pattern_warnings(text: str) -> list[str]:
         found += _star_ipv4_pattern_warning(text, star_ipv4["octets"], bang)
     specials = sorted(_ERE_SPECIALS.intersection(text))
     if specials:
-        # util.c dkimf_mkregexp() rewrites only "*", "." and "+"; regcomp(REG_EXTENDED) reads
-        # the rest as regular-expression syntax.
-        found.append(
-            f"refile pattern '{text}' contains {' '.join(specials)}, which OpenDKIM reads as "
-            f"regular-expression syntax; authmilter takes every character but '*' literally, "
-            f"so the two can match differently"
-        )
+        found += _regex_warnings(text, body, bang, tree, specials)
     elif "*" not in text and body and _looks_like_address(body):
         network, spelling = _inspect_address(body)
         if spelling is None:
@@ -736,6 +756,50 @@ def _pattern_warnings(text: str) -> list[str]:
             )
     elif not body:
         found.append(f"refile pattern '{text}' names nothing, so it never matches")
+    return found
+
+
+def _regex_warnings(text: str, body: str, bang: str, tree: Node, specials: list[str]
+                    ) -> list[str]:  # fmt: skip
+    """Warn about a pattern using regular-expression syntax beyond ``*``, ``.`` and ``+``."""
+    compiled = mkregexp(as_bytes(text)).decode("utf-8", "surrogateescape")
+    found: list[str] = []
+    bracketed = _BRACKETED_RE.fullmatch(body)
+    spelling = None
+    if bracketed is not None:
+        spelling = _inspect_address(bracketed["addr"] + bracketed["rest"])[1]
+    if spelling is not None:
+        # util.c dkimf_checkip() does probe "[192.0.2.1]", but as a regex the brackets make a
+        # one-character class: "[192.0.2.1]" matches "1", "9", "2", "0" or ".", nothing more.
+        found.append(
+            f"refile pattern '{text}' never matches: OpenDKIM reads the square brackets as a "
+            f"regular-expression class that matches a single character, not as a bracketed "
+            f"address; write '{bang}{spelling}'"
+        )
+    elif "\\." in body or "\\+" in body:
+        fixed = text.replace("\\.", ".").replace("\\+", "+")
+        found.append(
+            f"refile pattern '{text}' never matches a host name or address: OpenDKIM already "
+            f"takes '.' and '+' literally and compiles '\\.' as a literal backslash followed "
+            f"by any character ('{compiled}'); write '{fixed}'"
+        )
+    elif isinstance(tree, Alt):
+        found.append(
+            f"refile pattern '{text}' has '|' outside parentheses: OpenDKIM compiles it as "
+            f"'{compiled}', which anchors only the start of the first alternative and the end "
+            f"of the last, so they also match longer names and addresses (the '!'-prefixed "
+            f"form OpenDKIM looks up first among them, which excludes the host); write one "
+            f"line per alternative"
+        )
+    else:
+        note = ""
+        if "?" in specials:
+            note = " ('?' makes the character before it optional; it is no one-character wildcard)"
+        found.append(
+            f"refile pattern '{text}' contains {' '.join(specials)}: OpenDKIM compiles it as "
+            f"the POSIX extended regular expression '{compiled}'{note}, and authmilter matches "
+            f"it the same way; check that it means what you intend"
+        )
     return found
 
 
@@ -786,8 +850,11 @@ def _build_levels(rules: list[tuple[IPNetwork, _Rank, HostEntry]], bits: int) ->
     )
 
 
-def _client_address(ip: str | IPAddress) -> IPAddress | None:
-    """Parse the client address (brackets, ``%scope`` allowed); ``None`` if it is not one."""
+def _client_address(ip: str | IPAddress, *, unmap: bool = True) -> IPAddress | None:
+    """Parse the client address (brackets, ``%scope`` allowed); ``None`` if it is not one.
+
+    With ``unmap`` an IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) comes back as IPv4.
+    """
     if isinstance(ip, str):
         text = ip.strip()
         if text.startswith("[") and text.endswith("]"):
@@ -799,24 +866,45 @@ def _client_address(ip: str | IPAddress) -> IPAddress | None:
             return None
     else:
         address = ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+    if unmap and isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
 
 
 class _Patterns:
-    """The ``refile:`` side of a host list: wildcard patterns tested against OpenDKIM's probes."""
+    """The ``refile:`` side of a host list: OpenDKIM's regexes tested against its probes.
 
-    __slots__ = ("_any", "_each", "_entries")
+    Every line is compiled up front (:class:`RefilePattern`); those Python's ``re`` matches are
+    also joined into one alternation, so that a probe costs one search whatever the length of
+    the list.
+    """
+
+    __slots__ = ("_any", "_compiled", "_entries", "_slow")
 
     def __init__(self, entries: tuple[HostEntry, ...]) -> None:
         self._entries = entries
-        self._each = tuple(compile_wildcard(entry.text) for entry in entries)
-        self._any = (
-            re.compile("|".join(f"(?:{p.pattern})" for p in self._each), _PATTERN_FLAGS)
-            if entries
-            else None
-        )
+        compiled: list[RefilePattern] = []
+        for number, entry in enumerate(entries):
+            try:
+                compiled.append(RefilePattern.compile(entry.text, f"p{number}_"))
+            except RegexError as exc:
+                raise ConfigError(_pattern_error(entry.text, exc), entry.where) from None
+        self._compiled = tuple(compiled)
+        fast = [c.python for c in compiled if c.python is not None]
+        joined = "|".join(f"(?:{p})" for p in fast).encode("latin-1")
+        self._any = re.compile(joined) if fast else None
+        self._slow = tuple(c.search for c in compiled if c.python is None)
+
+    @property
+    def trees(self) -> tuple[Node, ...]:
+        """Each line's parse tree, in entry order."""
+        return tuple(c.tree for c in self._compiled)
+
+    def _exists(self, subject: bytes) -> bool:
+        """``dkimf_db_get()`` on a REFILE: does any line's regex match the probe?"""
+        if self._any is not None and self._any.search(subject):
+            return True
+        return any(search(subject) for search in self._slow)
 
     def decide(self, probes: Iterable[str]) -> _Hit | None:
         """Return the first probe's hit: ``!probe`` tried before ``probe``, as OpenDKIM does.
@@ -824,13 +912,14 @@ class _Patterns:
         A probe exists if any pattern matches it (opendkim-db.c ``dkimf_db_get()``, REFILE), so
         the line order only chooses which entry is reported: the first matching one.
         """
-        if self._any is None:
+        if not self._entries:
             return None
         for probe in probes:
             for excluded, key in ((True, "!" + probe), (False, probe)):
-                if self._any.fullmatch(key):
-                    pairs = zip(self._entries, self._each, strict=True)
-                    return next(e for e, p in pairs if p.fullmatch(key)), excluded
+                text = subject(key)
+                if self._exists(text):
+                    pairs = zip(self._entries, self._compiled, strict=True)
+                    return next(e for e, c in pairs if c.search(text)), excluded
         return None
 
 
@@ -850,8 +939,7 @@ class HostList:
       IPv6 as glibc ``inet_ntop()`` writes it (lower case, ``::``-compressed).
 
     The client matches if either check includes it (OpenDKIM ORs them): an excluded host name
-    does not stop an included address, nor the other way round. An IPv4-mapped client address
-    is checked as IPv4 (OpenDKIM would probe its IPv6 spelling).
+    does not stop an included address, nor the other way round.
 
     **file: and csl: lists** (:meth:`from_entries`, :meth:`from_dataset`) compare the probes with
     the entries' text, ignoring ASCII case. Entries are therefore host names
@@ -870,20 +958,42 @@ class HostList:
       looks like an address but is none, a CIDR block with host bits set. An address written in
       another spelling than OpenDKIM's probes (``2001:0db8::1``, ``10.0.0.0/08``) never matches
       in OpenDKIM but does here; it is warned about too.
+    * an IPv4-mapped client address (``::ffff:192.0.2.1``) is checked as IPv4 here, against
+      IPv4 and IPv4-mapped entries alike. OpenDKIM does not (measured: Debian's 2.11.0~beta2
+      with ``file:`` ``198.51.100.0/24`` does not sign for a milter client
+      ``::ffff:198.51.100.7``); Postfix hands milters plain IPv4, so only other MTAs notice.
 
-    **refile: lists** (:meth:`from_dataset` on a :class:`RegexDataset`) test the same probes
-    against every pattern; a probe exists if any pattern matches it (``dkimf_db_get()``), so the
-    probe order decides, not the line order. Hence ``192.168.1.*`` matches 192.168.1.x through
-    the plain-address probe, ``10.0.0.0/8`` through the ``/8`` probe, ``.example.com`` every name
-    below example.com, and ``!`` lines exclude. Two consequences surprise, and are warned about:
-    a pattern that starts with ``*`` — the tutorials' ``*.example.com`` — also matches the ``!``
-    probe tried first, so it *excludes* the hosts it matches (write ``.example.com``); and a
-    trailing ``*`` also matches the masked-network probes, so ``10.*`` matches 11.1.2.3 through
-    ``10.0.0.0/7`` and ``192.168.*`` all of ``192.168.0.0/13`` (likewise ``2001:db8:*`` covers
-    ``2001:db8::/29``; only the IPv4 form is warned about). OpenDKIM compiles each pattern
-    as a POSIX extended regular expression after ``dkimf_mkregexp()`` turns ``*`` into ``.*`` and
-    escapes ``.`` and ``+``; other regex syntax (``? [ ] ( ) { } | ^ $ \\``) is live there but
-    literal here (see :class:`RegexDataset`), and a pattern using it is warned about.
+    **refile: lists** (:meth:`from_dataset` on a :class:`RegexDataset`) behave as Debian's
+    ``/usr/sbin/opendkim`` 2.11.0~beta2 was measured to behave (the table and the ``miltertest``
+    script are in tests/test_datasets.py; it agrees with the master sources' util.c and
+    opendkim-db.c). Each line is a regular expression: ``dkimf_mkregexp()`` turns it into
+    ``^`` + the line with ``*`` made ``.*`` and ``.`` and ``+`` escaped + ``$``, and glibc's
+    ``regcomp()`` compiles that as a POSIX extended regular expression, ignoring ASCII case
+    (:class:`EreParser` reproduces glibc's reading). Every probe — host name, address, network
+    — is matched against every line, the ``!`` form first; a probe exists if any line's
+    expression matches it anywhere (``regexec()``; ``dkimf_db_get()``), so the probe order
+    decides, not the line order. Hence ``192.168.1.*`` matches 192.168.1.x through the
+    plain-address probe, ``10.0.0.0/8`` and ``2001:db8::/32`` through their masked-network
+    probes, ``.example.com`` every name below example.com, ``mail.example.com`` that name only,
+    and ``!`` lines exclude whatever their position. What surprises, each warned about in
+    :attr:`warnings` at its file:line with what to write instead:
+
+    * a line starting with ``*`` — the tutorials' ``*.example.com`` — also matches the ``!``
+      probe tried first, so it *excludes* the hosts it matches (write ``.example.com``);
+    * a trailing ``*`` also matches the masked-network probes: ``10.*`` matches 11.1.2.3
+      through ``10.0.0.0/7``, ``192.168.*`` all of ``192.168.0.0/13`` (``2001:db8:*`` likewise
+      covers ``2001:db8::/29``; only the IPv4 form is warned about);
+    * the rest of the regex syntax (``? [ ] ( ) { } | ^ $ \\``) is live: ``[192.0.2.1]`` is a
+      one-character class and never matches (write ``192.0.2.1``), ``mail\\.example.com``
+      needs a backslash in the name, ``a|b`` anchors only ``^a`` and ``b$``, ``mail?.example``
+      also matches ``mai.example``;
+    * an address spelled otherwise than OpenDKIM prints it, with host bits set, or that is no
+      address at all never matches.
+
+    A line glibc cannot compile (``[192.0.2.1``, ``(a``, ``?a``, ``a{``) makes OpenDKIM refuse
+    to start; :meth:`from_dataset` raises :class:`~authmilter.errors.ConfigError` at that line.
+    An IPv4-mapped client address is probed in its IPv6 spelling (``::ffff:192.0.2.1``), as
+    OpenDKIM does, so IPv4 lines do not match it.
 
     Instances are immutable and safe to share between threads.
     """
@@ -894,6 +1004,9 @@ class HostList:
         """Build the lookup tables; prefer :meth:`from_dataset` / :meth:`from_entries`.
 
         With ``patterns=True`` each entry's text is a ``refile:`` pattern (``network`` unused).
+
+        :raises ConfigError: with ``patterns=True``, at the entry's location, for a pattern
+            OpenDKIM cannot compile (and so would not start with).
         """
         self._entries = tuple(entries)
         self._names: dict[str, HostEntry] = {}
@@ -903,8 +1016,8 @@ class HostList:
         warnings: list[_Warning] = []
         if patterns:
             self._patterns = _Patterns(self._entries)
-            for entry in self._entries:
-                warnings += [(message, entry.where) for message in _pattern_warnings(entry.text)]
+            for entry, tree in zip(self._entries, self._patterns.trees, strict=True):
+                warnings += [(text, entry.where) for text in _pattern_warnings(entry.text, tree)]
             keyed: tuple[HostEntry, ...] = ()
         else:
             keyed = self._entries
@@ -957,11 +1070,16 @@ class HostList:
         class docstring. Nothing OpenDKIM would start with is refused: entries that can never
         match, or that OpenDKIM reads differently, are listed in :attr:`warnings` at their
         data-file line (a csl: at its configuration line).
+
+        :raises ConfigError: at its data-file line, for a ``refile:`` pattern OpenDKIM cannot
+            compile as a regular expression (OpenDKIM refuses to start with such a file).
         """
         if isinstance(dataset, RegexDataset):
             records = dataset.records
             patterns = (HostEntry(key, key.startswith("!"), where) for key, _, where in records)
-            return cls(patterns, patterns=True)
+            found = cls(patterns, patterns=True)
+            found._warnings = (*dataset.warnings, *found._warnings)
+            return found
         return cls.from_entries((key, where) for key, _value, where in dataset.records)
 
     @classmethod
@@ -1006,7 +1124,7 @@ class HostList:
 
     def _match_ip(self, ip: str | IPAddress) -> _Hit | None:
         """Return the entry deciding the address check (``dkimf_checkip()``), if any."""
-        address = _client_address(ip)
+        address = _client_address(ip, unmap=self._patterns is None)
         if address is None:
             return None
         if self._patterns is not None:

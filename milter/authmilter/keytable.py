@@ -127,6 +127,11 @@ class KeyStore:
             return [self._single]
         return list(self._entries.values())
 
+    def warnings(self) -> tuple[tuple[str, Location], ...]:
+        """Lines of a ``refile:`` SigningTable that OpenDKIM (and so authmilter) ignores."""
+        table = self._signing_table
+        return table.warnings if isinstance(table, RegexDataset) else ()
+
     def dangling_names(self) -> list[tuple[str, Location]]:
         """SigningTable key names that the KeyTable does not define (``%`` excepted)."""
         if self._signing_table is None:
