@@ -504,10 +504,10 @@ def verify_timed(
     return only(verify_message(signed, resolver, now=now, clock_drift=clock_drift))
 
 
-def test_expired_signature_fails(keys: dict[str, PrivateKey]) -> None:
+def test_expired_signature_is_permerror(keys: dict[str, PrivateKey]) -> None:
     now = int(time.time())
     signed = timed(keys, now - 7200, now - 3600)
-    assert_outcome(verify_timed(keys, signed), DkimResult.FAIL, "signature expired")
+    assert_outcome(verify_timed(keys, signed), DkimResult.PERMERROR, "signature expired")
 
 
 def test_expiry_allows_the_clock_drift(keys: dict[str, PrivateKey]) -> None:
@@ -515,14 +515,15 @@ def test_expiry_allows_the_clock_drift(keys: dict[str, PrivateKey]) -> None:
     signed = timed(keys, now - 7200, now + 3600)
     assert verify_timed(keys, signed, now=now + 3600 + 299).result is DkimResult.PASS
     outcome = verify_timed(keys, signed, now=now + 3600 + 301)
-    assert_outcome(outcome, DkimResult.FAIL, "signature expired")
+    assert_outcome(outcome, DkimResult.PERMERROR, "signature expired")
     assert verify_timed(keys, signed, now=now + 3600 + 301, clock_drift=600).passed
 
 
-def test_timestamp_in_the_future_fails(keys: dict[str, PrivateKey]) -> None:
+def test_timestamp_in_the_future_is_permerror(keys: dict[str, PrivateKey]) -> None:
     now = int(time.time())
     signed = timed(keys, now + 3600, None)
-    assert_outcome(verify_timed(keys, signed), DkimResult.FAIL, "signature timestamp in the future")
+    assert_outcome(verify_timed(keys, signed), DkimResult.PERMERROR,
+                   "signature timestamp in the future")
     assert verify_timed(keys, signed, now=now + 3600 - 250).passed
 
 

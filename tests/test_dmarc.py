@@ -993,6 +993,19 @@ def test_temporary_error_of_an_identifier_that_would_align_is_temperror_not_fail
     assert outcome.result is DmarcResult.PASS
 
 
+@pytest.mark.parametrize(("record", "known"), [
+    ("v=DMARC1; p=reject", DmarcPolicy.REJECT),
+    ("v=DMARC1; p=none", DmarcPolicy.NONE),
+    ("v=DMARC1; p=reject; sp=none", DmarcPolicy.NONE),
+    ("v=DMARC1; p=none; np=reject", None),  # np= needs an existence lookup to choose
+])  # fmt: skip
+def test_temperror_names_the_policy_a_failure_would_get_when_it_is_known(
+        record: str, known: DmarcPolicy | None) -> None:  # fmt: skip
+    res = resolver(dmarc("org", record), host("news.org"))
+    outcome = check(res, FROM, [], spf("org.example", SpfResult.TEMPERROR))
+    assert outcome.result is DmarcResult.TEMPERROR and outcome.policy is known
+
+
 @pytest.mark.parametrize("identity", [SpfIdentity.HELO, SpfIdentity.MAILFROM])
 def test_null_sender_spf_identity_postmaster_at_helo_aligns(identity: SpfIdentity) -> None:
     # RFC 7208 §2.4: for the null sender the MAIL FROM identity is postmaster@<HELO>;

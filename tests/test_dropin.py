@@ -9,6 +9,7 @@ publishes ``p=reject`` and SPF for 203.0.113.5 only, and holds a DKIM key ``sel`
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from authmilter.config import (
     load_split,
     read_settings_text,
 )
-from authmilter.pipeline import Connection, Verdict
+from authmilter.pipeline import AddHeader, Connection, Context, DeleteHeader, Verdict
 from test_hostile_input import (
     AID,
     ATTACKER_IP,
@@ -303,3 +304,95 @@ def test_every_directive_has_its_own_attribute_name() -> None:
     """OpenDMARC's DomainWhitelist and policyd-spf's Domain_Whitelist must not share one."""
     names = [d.field_name for d in DIRECTIVES]
     assert len(names) == len(set(names))
+
+
+# -- 3. Tutorial host lists: refile: TrustedHosts, wildcards in a file: list ---------------------
+
+
+TRUSTED_HOSTS = "127.0.0.1\nlocalhost\n192.168.0.0/16\n*.example.com\n"
+
+
+def test_tutorial_refile_trusted_hosts_is_read_with_a_warning_for_the_star_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    trusted = write(tmp_path, "TrustedHosts", TRUSTED_HOSTS)
+    dkim = write(tmp_path, "opendkim.conf", "Mode v\nAuthservID mx.example\n"
+                                            f"InternalHosts refile:{trusted}\n"
+                                            f"ExternalIgnoreList refile:{trusted}\n")  # fmt: skip
+    assert cli.main(["config-test", "--opendkim-conf", dkim]) == 0
+    err = capsys.readouterr().err
+    for name in ("InternalHosts", "ExternalIgnoreList"):
+        # OpenDKIM probes "!host" first, and a leading "*" matches the "!" too: it excludes.
+        assert (f"authmilter: warning: {trusted}:4: {name}: refile pattern '*.example.com' "
+                "starts with '*'") in err
+        assert "write '.example.com'" in err
+    assert err.count("warning") == 2  # nothing else is wrong with the tutorial file
+    ctx = cli.build_context(cli.resolve_authserv_id(load_split(dkim, None).config), sys.stderr)
+    assert Connection(ctx, hostname=None, ip="192.168.7.7").internal
+    assert Connection(ctx, hostname="localhost", ip="203.0.113.7").internal
+    assert not Connection(ctx, hostname="mail.example.com", ip="203.0.113.7").internal
+
+
+def test_wildcard_in_a_file_host_list_is_kept_and_warned_with_what_to_write(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    hosts = write(tmp_path, "trusted.hosts", TRUSTED_HOSTS)
+    conf = write(tmp_path, "authmilter.conf", f"Mode v\nAuthservID mx.example\n"
+                                              f"InternalHosts {hosts}\n")  # fmt: skip
+    assert cli.main(["config-test", "-c", conf]) == 0
+    err = capsys.readouterr().err
+    assert f"authmilter: warning: {hosts}:4: InternalHosts: '*.example.com' is not a wildcard" \
+        in err
+    assert "write '.example.com' (every name below example.com)" in err
+    fixed = write(tmp_path, "fixed.hosts", TRUSTED_HOSTS.replace("*.example.com", ".example.com"))
+    conf = write(tmp_path, "fixed.conf", f"Mode v\nAuthservID mx.example\n"
+                                         f"InternalHosts {fixed}\n")  # fmt: skip
+    assert cli.main(["config-test", "-c", conf]) == 0
+    assert "warning" not in capsys.readouterr().err
+    ctx = cli.build_context(load_config(conf).config, sys.stderr)
+    assert Connection(ctx, hostname="mail.example.com", ip="203.0.113.7").internal
+
+
+def test_signature_without_bh_is_permerror_naming_domain_and_selector(world: World,
+                                                                      keys: Keys) -> None:
+    raw = compose(f"ceo@{BANK}")
+    signature = re.sub(rb"\bbh=[^;]*;\s*", b"", dkim_sign(raw, keys.bank, BANK))
+    verdict = run(world.ctx(), signature + raw)
+    (clause,) = [r for r in our_ar(verdict).results if r.method == "dkim"]
+    assert str(clause.result) == "permerror"
+    assert (clause.header_d, clause.header_s) == (BANK, "sel")
+
+
+# -- the authserv-id defaults to the MTA's name, as OpenDKIM and OpenDMARC ------------------------
+
+
+def _from_mta(world: World, conf: str, raw: bytes) -> Verdict:
+    cfg = cli.resolve_authserv_id(Config.from_text(f"Mode v\n{conf}"))
+    ctx = Context.build(cfg, resolver=world.resolver, rand=lambda: 0.0)
+    conn = Connection(ctx, hostname=None, ip=ATTACKER_IP, macros={"j": "mx.mta.example"})
+    conn.set_helo(HELO)
+    txn = conn.transaction()
+    txn.envfrom(f"<ceo@{BANK}>")
+    assert txn.rcpt("<user@ours.test>") is None
+    fields, body = milter_view(raw)
+    for name, value in fields:
+        txn.header(name, value)
+    txn.body(body)
+    return txn.eom()
+
+
+def test_authserv_id_unset_is_the_mta_name_and_forgeries_of_it_are_removed(world: World) -> None:
+    forged = "mx.mta.example; dkim=pass header.d=bank.example"
+    verdict = _from_mta(world, "", compose(f"ceo@{BANK}", top=[("Authentication-Results", forged)]))
+    (value,) = added(verdict, "Authentication-Results")
+    assert value.startswith("mx.mta.example; ")
+    assert [(e.name, e.occurrence) for e in verdict.edits if isinstance(e, DeleteHeader)] == [
+        ("Authentication-Results", 1)]  # fmt: skip
+    received = [e.value for e in verdict.edits
+                if isinstance(e, AddHeader) and e.name == "Received-SPF"]  # fmt: skip
+    assert received and received[0].endswith("receiver=mx.mta.example")
+
+
+@pytest.mark.parametrize("conf", ["AuthservID mx.conf.example\n", "Authserv_Id mx.conf.example\n"])
+def test_a_configured_authserv_id_wins_over_the_mta_name(world: World, conf: str) -> None:
+    verdict = _from_mta(world, conf, compose(f"ceo@{BANK}"))
+    (value,) = added(verdict, "Authentication-Results")
+    assert value.startswith("mx.conf.example; ")

@@ -34,6 +34,11 @@ ZONES = {
         ("_dmarc", "TXT", failure_marker("SERVFAIL")),
     ]),
     "flaky.test": make_zone("flaky.test", [("@", "TXT", failure_marker("TIMEOUT"))]),
+    "nospf.test": make_zone("nospf.test", [("@", "A", "192.0.2.1")]),
+    "flakynone.test": make_zone("flakynone.test", [
+        ("@", "TXT", failure_marker("TIMEOUT")), ("_dmarc", "TXT", '"v=DMARC1; p=none"')]),
+    "flakyreject.test": make_zone("flakyreject.test", [
+        ("@", "TXT", failure_marker("TIMEOUT")), ("_dmarc", "TXT", '"v=DMARC1; p=reject"')]),
 }  # fmt: skip
 
 
@@ -197,7 +202,11 @@ def test_dmarc_fail_without_reject_failures_is_marked(tmp_path: Path) -> None:
 
 
 def test_dmarc_quarantine_is_held_with_hold_quarantined_messages(tmp_path: Path) -> None:
-    ctx = context(tmp_path, "HoldQuarantinedMessages yes\n")
+    # As OpenDMARC 1.4.2: HoldQuarantinedMessages acts only with RejectFailures.
+    _, alone = run(context(tmp_path, "HoldQuarantinedMessages yes\n"), mail_from="x@mail.quar.test",
+                   fields=message("bob@quar.test"))  # fmt: skip
+    assert alone is not None and alone.action is Action.ACCEPT
+    ctx = context(tmp_path, "HoldQuarantinedMessages yes\nRejectFailures yes\n")
     # aspf=s: an SPF pass for mail.quar.test is not strictly aligned with quar.test.
     _, verdict = run(ctx, mail_from="x@mail.quar.test", fields=message("bob@quar.test"))
     assert verdict is not None and verdict.action is Action.QUARANTINE
@@ -304,3 +313,36 @@ def test_each_smtp_stage_gets_one_dns_budget(tmp_path: Path, conf: str, budget: 
 def test_dns_deadline_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="DNSDeadline"):
         Config.from_text("DNSDeadline 0\n")
+
+
+def test_received_spf_records_the_helo_result_when_mail_from_has_none(tmp_path: Path) -> None:
+    """policyd-spf's choice: MAIL FROM's result, unless it is none and HELO has one. The A-R
+    and DMARC keep the MAIL FROM identity."""
+    _, verdict = run(context(tmp_path), mail_from="a@nospf.test", helo="mail.quar.test",
+                     fields=message("a@nospf.test"))  # fmt: skip
+    assert verdict is not None
+    received = header(verdict, "Received-SPF")
+    assert received is not None and received.startswith("Pass (")
+    assert "identity=helo;" in received and 'envelope-from="a@nospf.test";' in received
+    assert results(verdict)["spf"].result == "none"
+
+
+def test_dmarc_none_carries_opendmarcs_comment(tmp_path: Path) -> None:
+    _, verdict = run(context(tmp_path), mail_from="c@relay.test", fields=message("c@relay.test"))
+    assert verdict is not None
+    (value,) = [e.value for e in verdict.edits
+                if isinstance(e, AddHeader) and e.name == "Authentication-Results"]  # fmt: skip
+    assert "dmarc=none (p=none dis=none) header.from=relay.test" in " ".join(value.split())
+
+
+def test_dmarc_temperror_defers_only_where_a_failure_would_be_enforced(tmp_path: Path) -> None:
+    """RejectFailures: a temperror defers p=reject mail (a later try may pass), but never a
+    p=none domain's, whose failure would be delivered anyway."""
+    ctx = context(tmp_path, "RejectFailures yes\n")
+    _, verdict = run(ctx, mail_from="a@flakynone.test", fields=message("a@flakynone.test"))
+    assert verdict is not None and verdict.action is Action.ACCEPT
+    assert results(verdict)["dmarc"].result == "temperror"
+    _, verdict = run(ctx, mail_from="a@flakyreject.test", fields=message("a@flakyreject.test"))
+    assert verdict is not None and verdict.action is Action.TEMPFAIL
+    assert verdict.reply is not None and (verdict.reply.code, verdict.reply.xcode) == ("451",
+                                                                                     "4.4.3")

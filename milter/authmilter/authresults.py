@@ -14,7 +14,14 @@ import authres
 import authres.dmarc
 from authres.core import AuthenticationResultProperty, QuotableValue
 
-from authmilter.results import DkimOutcome, DkimResult, DmarcOutcome, SpfIdentity, SpfOutcome
+from authmilter.results import (
+    DkimOutcome,
+    DkimResult,
+    DmarcOutcome,
+    DmarcResult,
+    SpfIdentity,
+    SpfOutcome,
+)
 
 HEADER = "Authentication-Results"
 #: How much of b= identifies a signature in header.b (RFC 6008 §2: at least 8 characters).
@@ -109,6 +116,8 @@ def _dmarc_clause(outcome: DmarcOutcome) -> authres.dmarc.DMARCAuthenticationRes
     comment = None
     if outcome.policy is not None:
         comment = f"p={outcome.policy.value} dis={outcome.disposition.value}"
+    elif outcome.result is DmarcResult.NONE and outcome.from_domain:
+        comment = "p=none dis=none"  # OpenDMARC's comment for a domain without a record
     return authres.dmarc.DMARCAuthenticationResult(
         result=outcome.result.value,
         result_comment=_comment_safe(comment),

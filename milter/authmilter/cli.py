@@ -112,6 +112,8 @@ def build_context(cfg: Config, err: TextIO) -> Context:
     except ValueError as e:
         raise ConfigError(f"Nameservers: {e}", cfg.location("nameservers")) from None
     ctx = Context.build(cfg, resolver=resolver)
+    for warning in ctx.dataset_warnings():
+        print(f"authmilter: warning: {warning}", file=err)
     for name, where in ctx.keys.dangling_names():
         print(f"authmilter: warning: {where}: SigningTable names key '{name}', "
               "which is not in the KeyTable", file=err)  # fmt: skip

@@ -166,7 +166,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("AlwaysAddARHeader", Kind.BOOL, False, D, S,
        "Add Authentication-Results (dkim=none) even to unsigned mail."),
     _d("AuthservID", Kind.STRING, None, B, S,
-       "authserv-id of our Authentication-Results; `HOSTNAME` or unset = the host name.",
+       "authserv-id of our Authentication-Results. Unset: the MTA's name (the `{j}` macro, "
+       "Postfix's `myhostname`), as OpenDKIM and OpenDMARC; `HOSTNAME`: this host's name.",
        "authserv_id"),
     _d("AuthservIDWithJobID", Kind.BOOL, False, B, S,
        "Append `/<queue id>` to the authserv-id.", "authserv_id_with_job_id"),
@@ -348,7 +349,7 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("FailureReportsSentBy", Kind.STRING, None, M, IG, "DMARC failure reports are not sent yet."),
     _d("HistoryFile", Kind.STRING, None, M, IG, "Aggregate-report history is not kept yet."),
     _d("HoldQuarantinedMessages", Kind.BOOL, False, M, S,
-       "Put p=quarantine failures in the MTA's hold queue."),
+       "Put p=quarantine failures in the MTA's hold queue (with RejectFailures, as OpenDMARC)."),
     _d("IgnoreAuthenticatedClients", Kind.BOOL, False, M, FX,
        "Mail from SMTP-AUTH clients is outbound: it is signed, never DMARC-evaluated.",
        fixed=True),

@@ -18,8 +18,8 @@ what                                                       result      problem
 tag-list syntax, duplicate tag, missing required tag,      permerror   bad-signature
 ``v`` not 1, unknown ``a``/``c``/``q``, bad base64,
 ``i`` not within ``d``, ``h`` without From, ``x`` ≤ ``t``
-``x`` older than now − ``clock_drift``                     fail        bad-signature
-``t`` later than now + ``clock_drift``                     fail        bad-signature
+``x`` older than now − ``clock_drift``                     permerror   bad-signature
+``t`` later than now + ``clock_drift``                     permerror   bad-signature
 ``l`` larger than the canonicalized body                   permerror   bad-signature
 key lookup: NXDOMAIN or no TXT record                      permerror   key-not-found
 key lookup: :class:`DNSTempError`                          temperror   dns-error
@@ -330,6 +330,11 @@ def _permerror(reason: str) -> _Verdict:
     return _Verdict(DkimResult.PERMERROR, reason)
 
 
+def _missing(tag: str) -> _Verdict:
+    # RFC 6376 §6.1.1: a missing required tag is PERMFAIL (signature missing required tag).
+    return _permerror(f"missing required tag '{tag}' (RFC 6376 §6.1.1)")
+
+
 def _verify_one(context: _Context, idx: int, raw_value: bytes) -> DkimOutcome:
     """Check the ``idx``-th DKIM-Signature (0 = topmost) whose value is ``raw_value``."""
     fields = _Fields()
@@ -387,10 +392,8 @@ def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
     tags = _parse_tag_list(raw_value.decode("utf-8", "replace"))
 
     for tag in _REQUIRED_TAGS:
-        if tag not in tags:
-            # RFC 6376 §6.1.1: a missing required tag is PERMFAIL (signature missing
-            # required tag).
-            raise _permerror(f"missing required tag '{tag}' (RFC 6376 §6.1.1)")
+        if tag not in tags and tag != "bh":  # bh= after d, s, i, a, b: they go into the A-R
+            raise _missing(tag)
     if tags["v"] != "1":
         # RFC 6376 §6.1.1: a v= other than 1 is PERMFAIL (incompatible version).
         raise _permerror(f"unsupported version v={_excerpt(tags['v'])} (RFC 6376 §6.1.1)")
@@ -424,6 +427,8 @@ def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
     key_type, hash_name = SIGNATURE_ALGORITHMS[algorithm]
 
     fields.b = _decode_base64("b", tags["b"])
+    if "bh" not in tags:
+        raise _missing("bh")
     body_hash = base64.b64decode(_decode_base64("bh", tags["bh"]))
 
     canon = _CANON.fullmatch(tags.get("c", "simple/simple"))
@@ -487,11 +492,12 @@ def _check_times(signature: _Signature, context: _Context) -> None:
     now, drift = context.now, context.clock_drift
     if signature.expiration is not None and signature.expiration < now - drift:
         # RFC 6376 §3.5 x= / §6.1.1: verifiers may consider an expired signature invalid,
-        # PERMFAIL (signature expired); reported as fail.
-        raise _Verdict(DkimResult.FAIL, "signature expired")
+        # PERMFAIL (signature expired): permerror, as OpenDKIM reports it.
+        raise _permerror("signature expired")
     if signature.timestamp is not None and signature.timestamp > now + drift:
-        # RFC 6376 §3.5 t=: implementations may ignore signatures timestamped in the future.
-        raise _Verdict(DkimResult.FAIL, "signature timestamp in the future")
+        # RFC 6376 §3.5 t=: implementations may ignore signatures timestamped in the future;
+        # permerror, as OpenDKIM reports it.
+        raise _permerror("signature timestamp in the future")
 
 
 def _check_length(signature: _Signature, context: _Context) -> None:

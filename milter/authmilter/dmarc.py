@@ -1242,16 +1242,21 @@ def evaluate(
             and (spf.identity is SpfIdentity.MAILFROM or null_sender)
             and _aligned(spf.domain, from_domain, record.aspf, orgs) is True):  # fmt: skip
         unknown.append(f"SPF {spf.domain}")
+    # The policy a failure would get, where no further lookup is needed to know it: a p=none
+    # domain's temperror is never worth deferring mail for.
+    known = _known_policy(record, record_domain, from_domain)
     if unknown:
         return replace(
             base,
             result=DmarcResult.TEMPERROR,
+            policy=known,
             reason=f"alignment unknown: {' and '.join(unknown)} had a temporary error",
         )
     if orgs.temp_errors:
         return replace(
             base,
             result=DmarcResult.TEMPERROR,
+            policy=known,
             reason=f"alignment unknown: {orgs.temp_errors[0]}",
         )
 
@@ -1286,6 +1291,16 @@ def evaluate(
         sampled_out=sampled_out,
         reason=f"no aligned DKIM or SPF identifier ({', '.join(notes)})",
     )
+
+
+def _known_policy(record: DmarcRecord, record_domain: str,
+                  from_domain: str) -> DmarcPolicy | None:  # fmt: skip
+    """The policy a failure would get, when every tag that could apply says the same."""
+    if from_domain == record_domain:
+        candidates = {record.p, _policy_of(record, "np") if record.np is not None else record.p}
+    else:
+        candidates = {_policy_of(record, "sp"), _policy_of(record, "np")}
+    return candidates.pop() if len(candidates) == 1 else None
 
 
 def _policy_of(record: DmarcRecord, tag: str) -> DmarcPolicy:

@@ -152,6 +152,9 @@ class Context:
     keys: KeyStore
     resolver: DnsResolver
     authserv_id: str
+    #: AuthservID (and policyd-spf's Authserv_Id) unset: as OpenDKIM and OpenDMARC, the MTA's
+    #: own name (the ``{j}`` macro) is the authserv-id; ``authserv_id`` is the fallback.
+    authserv_id_from_mta: bool = False
     internal_hosts: HostList
     peer_list: HostList | None = None
     external_ignore: HostList | None = None
@@ -224,6 +227,8 @@ class Context:
             keys=keys if keys is not None else KeyStore.from_config(cfg),
             resolver=resolver,
             authserv_id=cfg.authserv_id,
+            authserv_id_from_mta=(cfg.location("authserv_id") is None
+                                  and cfg.location("spf_authserv_id") is None),
             internal_hosts=internal,
             peer_list=hosts(cfg.peer_list),
             external_ignore=hosts(cfg.external_ignore_list),
@@ -253,6 +258,18 @@ class Context:
         """Every macro the pipeline may consult (for the adapter to fetch)."""
         names = list(BASE_MACROS) + [r.name for r in self.macro_rules]
         return tuple(dict.fromkeys(names))
+
+    def dataset_warnings(self) -> list[str]:
+        """``where: Directive: message`` for host-list entries OpenDKIM accepts but that never
+        match (or match otherwise), and for SigningTable lines OpenDKIM drops."""
+        lists = (("InternalHosts", self.internal_hosts), ("PeerList", self.peer_list),
+                 ("ExternalIgnoreList", self.external_ignore),
+                 ("IgnoreHosts", self.ignore_hosts))  # fmt: skip
+        found = [(name, message, where) for name, hosts in lists if hosts is not None
+                 for message, where in hosts.warnings]  # fmt: skip
+        found += [("SigningTable", message, where) for message, where in self.keys.warnings()]
+        return [f"{where}: {name}: {message}" if where else f"{name}: {message}"
+                for name, message, where in found]  # fmt: skip
 
     def removable_ids(self) -> tuple[str, ...]:
         """Our authserv-id plus RemoveARFrom: incoming A-R claiming these are removed."""
@@ -380,16 +397,33 @@ class Transaction:
         decision = decide(ctx.spf_policy, helo_outcome, mailfrom_outcome,
                           receiver=self._receiver())  # fmt: skip
         self.spf = mailfrom_outcome or helo_outcome
-        if self.spf is not None and cfg.header_type == "SPF":
-            envelope = sender if self.spf.identity is SpfIdentity.MAILFROM else None
+        # Received-SPF records the identity policyd-spf records (the HELO result when MAIL
+        # FROM has none); Authentication-Results and DMARC keep the MAIL FROM result.
+        shown = self.spf
+        if decision.identity is SpfIdentity.HELO and helo_outcome is not None:
+            shown = helo_outcome
+        if shown is not None and cfg.header_type == "SPF":
             self.spf_header = AddHeader("Received-SPF", received_spf(
-                self.spf, receiver=self._receiver(), envelope_from=envelope))  # fmt: skip
+                shown, receiver=self._receiver(), envelope_from=sender or None))  # fmt: skip
         if decision.action in ("reject", "defer"):
             self.spf_reply = Reply(decision.code, decision.xcode, decision.text)
 
     def _receiver(self) -> str:
         """``receiver=`` of Received-SPF: our host (authserv-id), or hidden."""
-        return "<UNKNOWN>" if self.ctx.config.hide_receiver else self.ctx.authserv_id
+        return "<UNKNOWN>" if self.ctx.config.hide_receiver else self.authserv_id
+
+    @property
+    def authserv_id(self) -> str:
+        """Our authserv-id: AuthservID, else the MTA's name (``{j}``, opendkim.conf(5): "the
+        name of the MTA processing the message"), else this host's name."""
+        mta = self.macros.get("j") if self.ctx.authserv_id_from_mta else None
+        return mta.strip() if mta and mta.strip() else self.ctx.authserv_id
+
+    def removable_ids(self) -> tuple[str, ...]:
+        """Incoming A-R claiming these are removed: ours (the MTA's name and the fallback
+        when the MTA names the id) and RemoveARFrom."""
+        ids = dict.fromkeys((self.authserv_id, *self.ctx.removable_ids()))
+        return tuple(ids)
 
     def header(self, name: str, value: bytes) -> None:
         """One header field, ``value`` as the MTA sent it (leading space, LF folding)."""
@@ -595,7 +629,7 @@ class Transaction:
             edits.append(self.spf_header)
         signed = any(o.result is not DkimResult.NONE for o in outcomes)
         if signed or cfg.always_add_ar_header or self.spf or dmarc_outcome:
-            aid = self.ctx.authserv_id
+            aid = self.authserv_id
             if cfg.authserv_id_with_job_id and self.macros.get("i"):
                 aid = f"{aid}/{self.macros['i']}"
             # dkim=none only with AlwaysAddARHeader, as OpenDKIM (which adds no field then).
@@ -652,7 +686,7 @@ class Transaction:
         spf = self.spf
         dkim = list(outcomes)
         trusted = [t for t in cfg.trusted_authserv_ids or ()
-                   if t.lower() not in {i.lower() for i in ctx.removable_ids()}]  # fmt: skip
+                   if t.lower() not in {i.lower() for i in self.removable_ids()}]  # fmt: skip
         if trusted and self.trusted_relay:
             # Only from a relay the user exempted from our SPF check: mail straight from the
             # internet may carry any A-R naming a trusted id (RFC 8601 §7.1), and is ignored.
@@ -686,9 +720,14 @@ class Transaction:
             if outcome.disposition is DmarcPolicy.REJECT and cfg.reject_failures:
                 return Action.REJECT, Reply("550", "5.7.1",
                                             cfg.reject_string.replace("%s", domain))  # fmt: skip
-            if outcome.disposition is DmarcPolicy.QUARANTINE and cfg.hold_quarantined_messages:
+            # OpenDMARC holds only with RejectFailures too (measured with Debian's 1.4.2):
+            # without it, nothing is enforced.
+            if (outcome.disposition is DmarcPolicy.QUARANTINE and cfg.hold_quarantined_messages
+                    and cfg.reject_failures):  # fmt: skip
                 return Action.QUARANTINE, None
-        elif outcome.result is DmarcResult.TEMPERROR and cfg.reject_failures:
+        elif (outcome.result is DmarcResult.TEMPERROR and cfg.reject_failures
+              and outcome.policy is not DmarcPolicy.NONE):  # fmt: skip
+            # A p=none domain's failure would be accepted anyway: no reason to defer it.
             return Action.TEMPFAIL, Reply("451", "4.4.3", f"DMARC evaluation for {domain} "
                                                           "could not be completed")  # fmt: skip
         return Action.ACCEPT, None
@@ -712,8 +751,8 @@ class Transaction:
         """Incoming fields that claim to be ours go, bottom-up (so the indexes stay right):
         every Authentication-Results with our authserv-id (RFC 8601 §5), and every
         Received-SPF whose ``receiver=`` is our host (only we write those)."""
-        ours = self.ctx.removable_ids()
-        receiver = self.ctx.authserv_id.lower().rstrip(".")
+        ours = self.removable_ids()
+        receivers = {self.authserv_id.lower().rstrip("."), self.ctx.authserv_id.lower().rstrip(".")}
         found = []
         counts = {authresults.HEADER.lower(): 0, "received-spf": 0}
         for name, value in self.headers:
@@ -724,7 +763,7 @@ class Transaction:
             text = _unfold(value)
             if key == "received-spf":
                 claimed = received_spf_receiver(text)
-                if claimed is not None and claimed.lower().rstrip(".") == receiver:
+                if claimed is not None and claimed.lower().rstrip(".") in receivers:
                     found.append(DeleteHeader(name, counts[key]))
             elif authresults.claims(text, ours):
                 found.append(DeleteHeader(authresults.HEADER, counts[key]))

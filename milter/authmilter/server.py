@@ -351,7 +351,8 @@ def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
                      grp.getgrnam(group).gr_gid if group else -1)  # fmt: skip
         drop_privileges(cfg.user_id)
     workers = cfg.workers or os.cpu_count() or 1
-    log.info("listening on %s (authserv-id %s, %d worker%s)", cfg.socket, ctx.authserv_id,
+    aid = f"the MTA's name, else {ctx.authserv_id}" if ctx.authserv_id_from_mta else ctx.authserv_id
+    log.info("listening on %s (authserv-id %s, %d worker%s)", cfg.socket, aid,
              workers, "" if workers == 1 else "s")  # fmt: skip
     def work(_worker_ctx: Context, generation: Generation) -> None:
         Milter.factory = lambda: AuthMilter(generation.current())
