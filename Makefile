@@ -67,8 +67,27 @@ compare: deps-test venv-test
 	AUTHMILTER_COMPARE_COMMAND="make compare$(if $(COMPARE_ARGS), COMPARE_ARGS='$(COMPARE_ARGS)')" \
 	  $(VENV)/bin/python compare/run.py $(COMPARE_ARGS)
 
+# The RFC 7208 SPF test suite, as pyspf's source distribution ships it (test/), fetched from
+# the package registry for tests/test_spf_conformance.py; its checksum is pinned.
+PYSPF_VERSION   = 2.0.14
+RFC7208_SUITE   = build/conformance/rfc7208-tests.yml
+RFC7208_SHA256  = 901f561a6e2b1c1590a40a61b1ac7601226fd7045a7aae591a4d25421358d6f9
+.PHONY: conformance
+conformance: $(RFC7208_SUITE)
+
+$(RFC7208_SUITE): | venv
+	rm -rf build/conformance.tmp && mkdir -p build/conformance.tmp $(dir $@)
+	$(VENV)/bin/pip download -q --no-deps --no-binary :all: pyspf==$(PYSPF_VERSION) \
+	  -d build/conformance.tmp
+	tar -xzf build/conformance.tmp/pyspf-$(PYSPF_VERSION).tar.gz -C build/conformance.tmp \
+	  pyspf-$(PYSPF_VERSION)/test/rfc7208-tests.yml
+	echo "$(RFC7208_SHA256)  build/conformance.tmp/pyspf-$(PYSPF_VERSION)/test/rfc7208-tests.yml" \
+	  | sha256sum -c --quiet
+	mv build/conformance.tmp/pyspf-$(PYSPF_VERSION)/test/rfc7208-tests.yml $@
+	rm -rf build/conformance.tmp
+
 # Lint and strict typing first (seconds), then the suite with its real Postfix/NSD fixtures.
-test: deps-test venv-test lint typecheck
+test: deps-test venv-test lint typecheck $(RFC7208_SUITE)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 check: venv-test lint typecheck
