@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from authmilter.keys import PrivateKey
 from compare import signing
-from compare.signing import Ed25519Key, RsaKey, drop_tag, sign
+from compare.signing import drop_tag, record, sign
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -60,11 +61,11 @@ DATE = "Mon, 02 Jun 2025 10:00:00 +0000"
 class Keys:
     """The keys of one run (made fresh each run)."""
 
-    rsa2048: RsaKey
-    rsa1024: RsaKey
-    ed: Ed25519Key
-    other: RsaKey  # published under other.example.org, and as a wrong key for dkim.example.com
-    sign: RsaKey  # the tutorial KeyTable's mail._domainkey.sign.example.com
+    rsa2048: PrivateKey
+    rsa1024: PrivateKey
+    ed: PrivateKey
+    other: PrivateKey  # published under other.example.org, and as a wrong key for dkim.example.com
+    sign: PrivateKey  # the tutorial KeyTable's mail._domainkey.sign.example.com
 
     @staticmethod
     def make() -> Keys:
@@ -109,15 +110,15 @@ def records(keys: Keys) -> list[tuple[str, str, str]]:
     r.append(("mail.attacker.example", "A", FORWARDER))
     # DKIM
     dk = "_domainkey.dkim.example.com"
-    txt(f"s2048.{dk}", keys.rsa2048.record)
-    txt(f"s1024.{dk}", keys.rsa1024.record)
-    txt(f"sed.{dk}", keys.ed.record)
+    txt(f"s2048.{dk}", record(keys.rsa2048))
+    txt(f"s1024.{dk}", record(keys.rsa1024))
+    txt(f"sed.{dk}", record(keys.ed))
     txt(f"revoked.{dk}", "v=DKIM1; k=rsa; p=")
-    txt(f"testing.{dk}", keys.rsa2048.record + "; t=y")
-    txt(f"sha1only.{dk}", "v=DKIM1; k=rsa; h=sha1; p=" + keys.rsa2048.public_b64)
+    txt(f"testing.{dk}", record(keys.rsa2048) + "; t=y")
+    txt(f"sha1only.{dk}", "v=DKIM1; k=rsa; h=sha1; p=" + keys.rsa2048.public_p())
     txt("_dmarc.dkim.example.com", "v=DMARC1; p=reject")
     txt("dkim.example.com", AUTHORIZED)
-    txt("s2048._domainkey.other.example.org", keys.other.record)
+    txt("s2048._domainkey.other.example.org", record(keys.other))
     txt("other.example.org", AUTHORIZED)
     # SPF: each From domain has its own p=none record.
     spf = {
@@ -174,9 +175,9 @@ def records(keys: Keys) -> list[tuple[str, str, str]]:
                  "hdr.example.com", "sign.example.com"):  # fmt: skip
         txt(name, AUTHORIZED)
         txt(f"bounce.{name}", AUTHORIZED)
-        txt(f"s2048._domainkey.{name}", keys.rsa2048.record)
+        txt(f"s2048._domainkey.{name}", record(keys.rsa2048))
     # Signing (tutorial KeyTable)
-    txt("mail._domainkey.sign.example.com", keys.sign.record)
+    txt("mail._domainkey.sign.example.com", record(keys.sign))
     return r
 
 

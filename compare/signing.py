@@ -11,74 +11,43 @@ import base64
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dkim
 import nacl.encoding
 import nacl.signing
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from authmilter.keys import KeyAlgorithm, PrivateKey, generate_private_key, key_record_text
 
 #: Header fields the corpus signs, in this order (From first, as OpenDKIM does).
 SIGNED_HEADERS = ("from", "to", "subject", "date", "message-id")
 
 
-@dataclass(frozen=True, slots=True)
-class RsaKey:
-    """An RSA private key (PKCS#1 PEM) and its ``p=`` value."""
-
-    pem: bytes
-    public_b64: str
-
-    @property
-    def record(self) -> str:
-        return f"v=DKIM1; k=rsa; p={self.public_b64}"
-
-
-@dataclass(frozen=True, slots=True)
-class Ed25519Key:
-    """An Ed25519 key: dkimpy's base64 seed and the raw public key's ``p=`` value."""
-
-    seed_b64: bytes
-    public_b64: str
-
-    @property
-    def record(self) -> str:
-        return f"v=DKIM1; k=ed25519; p={self.public_b64}"
-
-
-def rsa_key(bits: int) -> RsaKey:
+def rsa_key(bits: int) -> PrivateKey:
     """A fresh RSA key of ``bits`` bits."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = key.private_bytes(serialization.Encoding.PEM,
-                            serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())  # fmt: skip
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return RsaKey(pem, base64.b64encode(der).decode("ascii"))
+    return generate_private_key(KeyAlgorithm.RSA, bits)
 
 
-def ed25519_key() -> Ed25519Key:
+def ed25519_key() -> PrivateKey:
     """A fresh Ed25519 key."""
-    key = ed25519.Ed25519PrivateKey.generate()
-    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                             serialization.NoEncryption())  # fmt: skip
-    pub = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                        serialization.PublicFormat.Raw)  # fmt: skip
-    return Ed25519Key(base64.b64encode(seed), base64.b64encode(pub).decode("ascii"))
+    return generate_private_key(KeyAlgorithm.ED25519)
 
 
-def write_key(path: Path, key: RsaKey) -> Path:
+def record(key: PrivateKey) -> str:
+    """The key record publishing ``key`` (``v=DKIM1; k=…; p=…``)."""
+    return key_record_text(key)
+
+
+def write_key(path: Path, key: PrivateKey) -> Path:
     """Write ``key`` as a 0600 PEM file (OpenDKIM's RequireSafeKeys accepts it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(key.pem)
+    path.write_bytes(key.pem())
     path.chmod(0o600)
     return path
 
 
-def sign(message: bytes, key: RsaKey | Ed25519Key, *, domain: str, selector: str,
+def sign(message: bytes, key: PrivateKey, *, domain: str, selector: str,
          algorithm: str | None = None, canonicalization: str = "relaxed/simple",
          headers: Sequence[str] = SIGNED_HEADERS, length: bool = False,
          timestamp: int | None = None, expiration: int | None = None,
@@ -90,15 +59,16 @@ def sign(message: bytes, key: RsaKey | Ed25519Key, *, domain: str, selector: str
     ``x=`` unless given); ``length`` adds ``l=`` with the canonical body length.
     """
     if algorithm is None:
-        algorithm = "ed25519-sha256" if isinstance(key, Ed25519Key) else "rsa-sha256"
+        ed = key.algorithm is KeyAlgorithm.ED25519
+        algorithm = "ed25519-sha256" if ed else "rsa-sha256"
     alg = algorithm.encode("ascii")
     signer = dkim.DKIM(message, linesep=b"\r\n")
     signer.signature_algorithm = alg
     pk: Any
-    if isinstance(key, Ed25519Key):
-        pk = nacl.signing.SigningKey(key.seed_b64, encoder=nacl.encoding.Base64Encoder)
+    if key.algorithm is KeyAlgorithm.ED25519:
+        pk = nacl.signing.SigningKey(key.dkimpy_private(), encoder=nacl.encoding.Base64Encoder)
     else:
-        pk = dkim.crypto.parse_pem_private_key(key.pem)
+        pk = dkim.crypto.parse_pem_private_key(key.pem())
     policy = dkim.CanonicalizationPolicy.from_c_value(canonicalization.encode("ascii"))
     body = policy.canonicalize_body(signer.body)
     signer.hasher = dkim.HASH_ALGORITHMS[alg]
