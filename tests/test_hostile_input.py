@@ -32,6 +32,7 @@ import pytest
 
 from authmilter.config import Action, Config
 from authmilter.dkim_verify import verify_message
+from authmilter.dmarc import parse_record
 from authmilter.keys import KeyAlgorithm, PrivateKey, generate_private_key, key_record_text
 from authmilter.pipeline import AddHeader, Connection, Context, DeleteHeader, Verdict
 from dnsserver import make_zone, txt_rdata
@@ -114,6 +115,8 @@ DMARC_RECORDS: dict[str, tuple[list[str | bytes], str, str | None]] = {
     "non-dmarc-beside": (["v=spf1 -all", "hello world", "v=DMARC1; p=reject"], "fail", "reject"),
 }
 HUGE_RUA = 10_000
+DMARC_HUGE_RUA_TEXT = "v=DMARC1; p=reject; rua=" + ",".join(
+    f"mailto:r{i}@huge-rua.example" for i in range(HUGE_RUA))
 
 
 def dmarc_zones() -> dict[str, str]:
@@ -122,9 +125,8 @@ def dmarc_zones() -> dict[str, str]:
              for label, (records, _result, _policy) in DMARC_RECORDS.items()}  # fmt: skip
     # A TXT record of 300 kB cannot travel in DNS (RDATA ≤ 64 KiB); the fake resolver carries it
     # anyway, so the parser's cost is bounded here rather than by the transport.
-    rua = ",".join(f"mailto:r{i}@huge-rua.example" for i in range(HUGE_RUA))
     zones["huge-rua.example"] = make_zone("huge-rua.example", [
-        ("_dmarc", "TXT", txt_rdata(f"v=DMARC1; p=reject; rua={rua}"))])  # fmt: skip
+        ("_dmarc", "TXT", txt_rdata(DMARC_HUGE_RUA_TEXT))])  # fmt: skip
     return zones
 
 
@@ -716,10 +718,17 @@ def test_hostile_dmarc_record_gives_its_documented_result(world: World, label: s
     assert (clause.result, clause.header_from, clause.policy) == (result, domain, policy)
 
 
-def test_dmarc_record_with_ten_thousand_report_uris_is_read_quickly(world: World) -> None:
-    started = time.monotonic()
+def test_dmarc_record_with_ten_thousand_report_uris_is_read_once_and_enforced(
+        world: World) -> None:  # fmt: skip
+    """The record is parsed whole (every URI kept for the reports), fetched once, and its
+    p=reject applies. Its cost is in make bench, not here."""
+    record = parse_record(DMARC_HUGE_RUA_TEXT)
+    assert len(record.rua) == HUGE_RUA
+    since = len(world.resolver.query_log)
     verdict = run(world.ctx("RejectFailures yes\n"), compose("ceo@huge-rua.example"))
-    assert time.monotonic() - started < 5
+    dmarc_queries = [q for q in world.resolver.query_log[since:]
+                     if q[0].rstrip(".") == "_dmarc.huge-rua.example"]  # fmt: skip
+    assert len(dmarc_queries) == 1
     assert verdict.action is Action.REJECT and verdict.reply is not None
     assert verdict.reply.text.endswith("huge-rua.example")
     assert "dmarc=fail header.from=huge-rua.example p=reject dis=reject" in verdict.log
