@@ -1,13 +1,16 @@
 """Prometheus metrics (MetricsListen): the real milter with two workers behind a real Postfix,
-resolving through NSD; the endpoint's totals must match the mail that went through."""
+resolving through NSD; the endpoint's totals must match the mail that went through, and every
+series an alert uses is there at zero before the first message."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +19,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from authmilter.config import Config
+from authmilter import metrics, resolver, server
+from authmilter.config import Action, Config
 from authmilter.errors import ConfigError
+from authmilter.pipeline import Direction
+from authmilter.results import DkimResult, DmarcResult, SpfResult
 from dnsserver import NsdServer, make_zone
 from milter_fixture import AuthmilterProcess
 from postfix_fixture import PostfixInstance, SmtpPermfail, free_port
@@ -25,6 +31,7 @@ from test_e2e_dmarc import OUTSIDE, message
 
 AID = "mx.metrics.test"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+Stack = tuple[AuthmilterProcess, PostfixInstance, str]
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +48,35 @@ def nsd(nsd_server_module) -> NsdServer:  # type: ignore[no-untyped-def]
     })  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def stack(nsd: NsdServer) -> Iterator[tuple[AuthmilterProcess, PostfixInstance, str]]:
+@contextlib.contextmanager
+def running_stack(nsd: NsdServer) -> Iterator[Stack]:
+    """The milter (two workers, metrics on) behind Postfix: (milter, postfix, metrics URL)."""
     port = free_port()
     milter = AuthmilterProcess(f"AuthservID {AID}\nWorkers 2\nNameservers {nsd.nameserver}\n"
                                f"MetricsListen 127.0.0.1:{port}\nMail_From_reject Fail\n"
                                ).start()  # fmt: skip
-    postfix = PostfixInstance(milter.postfix_socket).start()
-    milter.wait_log("metrics on http://127.0.0.1:")
-    yield milter, postfix, f"http://127.0.0.1:{port}/metrics"
-    postfix.stop()
-    milter.cleanup()
+    try:
+        postfix = PostfixInstance(milter.postfix_socket).start()
+        try:
+            milter.wait_log("metrics on http://127.0.0.1:")
+            yield milter, postfix, f"http://127.0.0.1:{port}/metrics"
+        finally:
+            postfix.stop()
+    finally:
+        milter.cleanup()
+
+
+@pytest.fixture(scope="module")
+def stack(nsd: NsdServer) -> Iterator[Stack]:
+    with running_stack(nsd) as running:
+        yield running
+
+
+@pytest.fixture
+def fresh_stack(nsd: NsdServer) -> Iterator[Stack]:
+    """A stack of its own, which no other test has sent mail through."""
+    with running_stack(nsd) as running:
+        yield running
 
 
 def scrape(url: str) -> Samples:
@@ -60,7 +85,9 @@ def scrape(url: str) -> Samples:
     out: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in out, f"{key} scraped twice"
+            out[key] = sample.value
     return out
 
 
@@ -73,6 +100,90 @@ def metrics_dir(milter: AuthmilterProcess) -> Path:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def series(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))
+
+
+def alert_series() -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every series an alert may use, built here from the code's own vocabularies."""
+    out = [series("authmilter_messages_total", direction=d.value, action=a.value)
+           for d in Direction for a in Action]  # fmt: skip
+    for method, tokens in (("dkim", DkimResult), ("spf", SpfResult), ("dmarc", DmarcResult)):
+        out += [series("authmilter_results_total", method=method, result=t.value) for t in tokens]
+    out += [series("authmilter_dns_queries_total", type=t, outcome=o)
+            for t in metrics.DNS_TYPES for o in metrics.DNS_OUTCOMES]  # fmt: skip
+    out += [series("authmilter_dns_query_seconds_count", type=t) for t in metrics.DNS_TYPES]
+    out += [series("authmilter_dns_cache_total", result=r) for r in ("hit", "miss")]
+    for name in metrics.CALLBACKS:
+        out.append(series("authmilter_internal_errors_total", callback=name))
+        out.append(series("authmilter_callback_seconds_count", callback=name))
+    out += [series("authmilter_reloads_total", result=r) for r in ("ok", "failed")]
+    return out
+
+
+def test_the_label_vocabularies_are_the_code_s() -> None:
+    """CALLBACKS names each callback the adapter times and guards; DNS_OUTCOMES each
+    outcome the resolver records."""
+    probe = server._callback(lambda self: 0, lambda self: 0)
+    timed = set()
+    for name, attr in vars(server.AuthMilter).items():
+        func = attr
+        while func is not None:
+            if getattr(func, "__code__", None) is probe.__code__:
+                timed.add(name)
+            func = getattr(func, "__wrapped__", None)
+    assert timed == set(metrics.CALLBACKS)
+    outcomes = set(resolver._OUTCOME.values()) | {"temperror", "permerror"}
+    assert outcomes == set(metrics.DNS_OUTCOMES)
+
+
+def test_every_alert_series_is_zero_before_the_first_message(fresh_stack) -> None:  # type: ignore[no-untyped-def]
+    milter, postfix, url = fresh_stack
+    expected = alert_series()
+    first = scrape(url)
+    assert [s for s in expected if s not in first] == []
+    assert {s: first[s] for s in expected if first[s] != 0} == {}
+    assert value(first, "authmilter_messages_total", direction="verify", action="reject") == 0
+    assert value(first, "authmilter_results_total", method="dmarc", result="fail") == 0
+    assert series("authmilter_results_total", method="dmarc", result="fail") in first
+
+    def send(n: int) -> None:
+        postfix.send(message("a@good.test", f"good {n}"), mail_from="a@good.test",
+                     rcpt_to=["user@ours.test"], port="inbound", client_ip=OUTSIDE)  # fmt: skip
+        postfix.wait_delivered(n, timeout=60)
+
+    counted = {series("authmilter_messages_total", direction="verify", action="accept"),
+               series("authmilter_results_total", method="dkim", result="none"),
+               series("authmilter_results_total", method="spf", result="pass"),
+               series("authmilter_results_total", method="dmarc", result="pass")}  # fmt: skip
+    untouched = [s for s in expected if s[0].endswith("_total") and s not in counted
+                 and not s[0].startswith("authmilter_dns_")]  # fmt: skip
+
+    send(1)
+    after_one = scrape(url)
+    assert {s: after_one[s] for s in counted} == dict.fromkeys(counted, 1.0)
+    assert {s: after_one[s] for s in untouched if after_one[s] != 0} == {}
+
+    # A reload counted in the supervisor, then every worker replaced: the new workers are
+    # forked from a supervisor holding the zeros and the reload, and must count neither again.
+    assert milter.proc is not None
+    os.kill(milter.proc.pid, signal.SIGHUP)
+    milter.wait_log("reloaded:")
+    for pid in milter.pids()[1:]:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while milter.log().count("starting a new one") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert milter.log().count("starting a new one") == 2
+    send(2)
+    final = scrape(url)
+    assert [s for s in expected if s not in final] == []
+    assert {s: final[s] for s in counted} == dict.fromkeys(counted, 2.0)
+    assert value(final, "authmilter_reloads_total", result="ok") == 1
+    reloads = series("authmilter_reloads_total", result="ok")
+    assert {s: final[s] for s in untouched if s != reloads and final[s] != 0} == {}
 
 
 def test_totals_match_the_mail_sent_across_both_workers(stack) -> None:  # type: ignore[no-untyped-def]

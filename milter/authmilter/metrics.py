@@ -23,6 +23,9 @@ Metric names (all prefixed ``authmilter_``):
 ``internal_errors_total{callback}``       exceptions caught by the adapter (On-InternalError)
 ``reloads_total{result}``                 SIGHUP/SIGUSR1 reloads: ``ok``/``failed``
 ========================================  ================================================
+
+Every label set these can take is there from the start, at zero (see :func:`_zero`): an
+alert on ``increase()`` sees the first failure as a step from 0, not as a new series.
 """
 
 from __future__ import annotations
@@ -31,11 +34,16 @@ import contextlib
 import os
 import shutil
 import tempfile
+from enum import StrEnum
 from typing import Any
 
-from authmilter.config import parse_listen
+from authmilter.config import Action, parse_listen
+from authmilter.results import DkimResult, DmarcResult, SpfResult
 
 __all__ = [
+    "CALLBACKS",
+    "DNS_OUTCOMES",
+    "DNS_TYPES",
     "callback",
     "dns_cache",
     "dns_query",
@@ -52,6 +60,16 @@ __all__ = [
 #: Latency buckets in seconds: milter callbacks take tens of microseconds (a header) to
 #: seconds (end of message waiting on DNS); the top bucket is Postfix's milter timeouts.
 BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: The milter callbacks the adapter times and guards (``server.AuthMilter``, wrapped by
+#: ``server._callback``): the ``callback`` label of ``callback_seconds`` and
+#: ``internal_errors_total``.
+CALLBACKS = ("connect", "hello", "envfrom", "envrcpt", "header", "eoh", "body", "eom")
+#: Record types the checks ask for: TXT (DKIM keys, SPF and DMARC records), A, AAAA and MX
+#: (SPF mechanisms, DMARCbis non-existent domains), PTR (SPF ``ptr``, ``%{p}``).
+DNS_TYPES = ("TXT", "A", "AAAA", "MX", "PTR")
+#: How a lookup sent to a nameserver ends (``resolver.Resolver._lookup``).
+DNS_OUTCOMES = ("ok", "nodata", "nxdomain", "temperror", "permerror")
 
 _m: _Metrics | None = None
 _dir: str | None = None
@@ -86,11 +104,43 @@ class _Metrics:
         self.reloads = counter("reloads", "Configuration reloads, by result.", ["result"])
 
 
+def _zero(m: _Metrics) -> None:
+    """Create every label set at zero, so each series is scraped before its first count.
+
+    Runs in the supervisor, which lives as long as the service: its files hold the zeros, and
+    the endpoint adds them to the workers' counts. A worker (forked from here) writes only to
+    its own files, starting from zero, so nothing is counted twice, before or after a worker
+    is replaced. In multiprocess mode creating a child writes it to the file; the ``inc(0)``
+    says so for the counters (a histogram child has no neutral update).
+    """
+    from authmilter.pipeline import Direction  # here: pipeline imports this module
+
+    for direction in Direction:
+        for action in Action:
+            m.messages.labels(direction.value, action.value).inc(0)
+    tokens: dict[str, type[StrEnum]] = {"dkim": DkimResult, "spf": SpfResult,
+                                         "dmarc": DmarcResult}  # fmt: skip
+    for method, enum in tokens.items():
+        for token in enum:
+            m.results.labels(method, token.value).inc(0)
+    for rdtype in DNS_TYPES:
+        m.dns_seconds.labels(rdtype)
+        for outcome in DNS_OUTCOMES:
+            m.dns_queries.labels(rdtype, outcome).inc(0)
+    for hit in ("hit", "miss"):
+        m.dns_cache.labels(hit).inc(0)
+    for name in CALLBACKS:
+        m.callbacks.labels(name)
+        m.errors.labels(name).inc(0)
+    for outcome in ("ok", "failed"):
+        m.reloads.labels(outcome).inc(0)
+
+
 def enable() -> str:
     """Switch metrics on for this process and the workers it will fork.
 
     Must run before any worker is forked. The per-process files go to a new private
-    temporary directory.
+    temporary directory; every series is created there at zero (:func:`_zero`).
 
     :returns: the directory used.
     """
@@ -102,6 +152,7 @@ def enable() -> str:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     _dir = directory
     _m = _Metrics()
+    _zero(_m)
     return directory
 
 
