@@ -9,12 +9,14 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 import dnsserver
+from authmilter import cli
 from authmilter.dmarctools import (
     EXIT_CONFIG,
     EXIT_DATAERR,
@@ -28,6 +30,8 @@ from dnsserver import BlackholeDns, DnsServerError, NsdServer, make_zone, txt_rd
 
 NsdFactory = Callable[[Mapping[str, str]], NsdServer]
 TLD = "example"
+#: The default configuration file the tests' parser reads: none, unless a test names one.
+NO_DEFAULT_CONFIG = "/nonexistent/authmilter-tests/authmilter.conf"
 
 FULL = (
     "v=DMARC1; p=reject; sp=quarantine; pct=50; adkim=s; "
@@ -76,17 +80,17 @@ OPENDMARC_MINIMAL = (
 )
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(default_config: str = NO_DEFAULT_CONFIG) -> argparse.ArgumentParser:
     """The parser cli.main builds, reduced to the subcommand under test."""
     parser = argparse.ArgumentParser(prog="authmilter")
     sub = parser.add_subparsers(dest="command")
-    add_check_dmarc_parser(sub)
+    add_check_dmarc_parser(sub, default_config=default_config)
     return parser
 
 
-def invoke(*argv: str) -> tuple[int, str, str]:
+def invoke(*argv: str, default_config: str = NO_DEFAULT_CONFIG) -> tuple[int, str, str]:
     """Run check-dmarc; return (exit code, stdout, stderr)."""
-    ns = make_parser().parse_args(["check-dmarc", *argv])
+    ns = make_parser(default_config).parse_args(["check-dmarc", *argv])
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = ns.func(ns)
@@ -261,6 +265,98 @@ def test_unreadable_psl_file_is_a_config_error(tmp_path: Path) -> None:
 def test_at_least_one_domain_is_required() -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         make_parser().parse_args(["check-dmarc"])
+
+
+# -- resolver settings from a configuration file ---------------------------------------------
+
+
+def _conf(tmp_path: Path, text: str, name: str = "authmilter.conf") -> str:
+    conf = tmp_path / name
+    conf.write_text(text)
+    return str(conf)
+
+
+@pytest.mark.dns
+def test_without_options_the_default_configfiles_nameservers_are_used(
+    nameserver: str, tmp_path: Path
+) -> None:
+    conf = _conf(tmp_path, f"Nameservers {nameserver}\nDNSTimeout 3\n")
+    code, out, err = invoke("org.example", default_config=conf)
+    assert (code, err) == (EXIT_OK, "")
+    assert out.startswith("DMARC record for org.example:\n")
+    code, out, err = invoke("-v", "org.example", default_config=conf)
+    assert code == EXIT_OK
+    assert err == f"authmilter check-dmarc: using default configfile {conf}\n"
+
+    # Without that file the system resolver is asked, which does not know the test zone.
+    absent = str(tmp_path / "absent.conf")
+    code, out, err = invoke("-v", "--timeout", "1", "org.example", default_config=absent)
+    assert code != EXIT_OK and out == ""
+    assert err.splitlines()[0] == (
+        f"authmilter check-dmarc: no default configfile {absent}; using /etc/resolv.conf"
+    )
+
+
+@pytest.mark.dns
+def test_dash_c_names_the_configuration_instead_of_the_default(
+    nameserver: str, blackhole_dns: BlackholeDns, tmp_path: Path
+) -> None:
+    default = _conf(tmp_path, f"Nameservers {blackhole_dns.nameserver}\nDNSTimeout 1\n")
+    conf = _conf(tmp_path, f"Nameservers {nameserver}\n", "other.conf")
+    code, out, err = invoke("-c", conf, "-v", "minimal.example", default_config=default)
+    assert code == EXIT_OK
+    assert out.startswith(OPENDMARC_MINIMAL)
+    assert err == f"authmilter check-dmarc: using configfile {conf}\n"
+
+
+def test_the_default_configfiles_dnstimeout_applies(
+    blackhole_dns: BlackholeDns, tmp_path: Path
+) -> None:
+    conf = _conf(tmp_path, f"Nameservers {blackhole_dns.nameserver}\nDNSTimeout 1\n")
+    started = time.monotonic()
+    code, out, err = invoke("org.example", default_config=conf)
+    assert time.monotonic() - started < 3  # DNSTimeout 1, not the 5 s default
+    assert (code, out) == (EXIT_TEMPFAIL, "")
+    assert "timed out" in err or "no nameserver" in err
+
+
+@pytest.mark.dns
+def test_nameservers_option_overrides_the_default_configfile(
+    nameserver: str, blackhole_dns: BlackholeDns, tmp_path: Path
+) -> None:
+    conf = _conf(tmp_path, f"Nameservers {blackhole_dns.nameserver}\nDNSTimeout 1\n")
+    code, out, err = invoke("-v", "--nameservers", nameserver, "org.example", default_config=conf)
+    assert (code, err) == (EXIT_OK, "")  # the default file is not even read
+    assert out.startswith("DMARC record for org.example:\n")
+
+
+def test_an_error_in_the_default_configfile_is_a_config_error_at_file_line(
+    tmp_path: Path,
+) -> None:
+    conf = _conf(tmp_path, "DNSTimeout 2\nNameservrs 127.0.0.1\n")
+    code, out, err = invoke("org.example", default_config=conf)
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert err.startswith(f"authmilter check-dmarc: {conf}:2: unknown directive 'Nameservrs'")
+
+    conf = _conf(tmp_path, "DNSTimeout 2\nNameservers dns.example\n")
+    code, out, err = invoke("org.example", default_config=conf)
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert err.startswith(f"authmilter check-dmarc: {conf}:2: Nameservers: ")
+
+
+def test_cli_check_dmarc_reads_cli_default_config_and_its_help_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["check-dmarc", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"Nameservers and DNSTimeout of {cli.DEFAULT_CONFIG} if it exists" in help_text
+    assert f"(default: {cli.DEFAULT_CONFIG} if it exists)" in help_text
+
+    conf = _conf(tmp_path, "Nameservers 127.0.0.1:notaport\n")
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", conf)
+    assert cli.main(["check-dmarc", "org.example"]) == EXIT_CONFIG
+    assert capsys.readouterr().err.startswith(f"authmilter check-dmarc: {conf}:1: Nameservers: ")
 
 
 # -- against opendmarc-check itself ------------------------------------------------------------

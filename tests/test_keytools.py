@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from authmilter import cli
 from authmilter.keys import (
     KeyAlgorithm,
     PrivateKey,
@@ -27,6 +28,7 @@ from authmilter.keys import (
 )
 from authmilter.keytools import (
     EXIT_CANTCREAT,
+    EXIT_CONFIG,
     EXIT_DATAERR,
     EXIT_NOINPUT,
     EXIT_NOPERM,
@@ -42,20 +44,22 @@ from dnsserver import BlackholeDns, NsdServer, make_zone, txt_rdata
 
 NsdFactory = Callable[[Mapping[str, str]], NsdServer]
 DOMAIN = "example.test"
+#: The default configuration file the tests' parser reads: none, unless a test names one.
+NO_DEFAULT_CONFIG = "/nonexistent/authmilter-tests/authmilter.conf"
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(default_config: str = NO_DEFAULT_CONFIG) -> argparse.ArgumentParser:
     """The parser cli.main builds, reduced to the two subcommands under test."""
     parser = argparse.ArgumentParser(prog="authmilter")
     sub = parser.add_subparsers(dest="command")
     add_genkey_parser(sub)
-    add_testkey_parser(sub)
+    add_testkey_parser(sub, default_config=default_config)
     return parser
 
 
-def invoke(*argv: str) -> tuple[int, str, str]:
+def invoke(*argv: str, default_config: str = NO_DEFAULT_CONFIG) -> tuple[int, str, str]:
     """Run one subcommand; return (exit code, stdout, stderr)."""
-    ns = make_parser().parse_args(list(argv))
+    ns = make_parser(default_config).parse_args(list(argv))
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = ns.func(ns)
@@ -456,3 +460,109 @@ def test_testkey_dash_c_checks_every_keytable_entry(published: Published, tmp_pa
     table.write_text(f"good._domainkey.{DOMAIN} {DOMAIN}:good:{published.key('good')}\n")
     code, out, err = invoke("testkey", "-c", str(conf))
     assert (code, out) == (EXIT_OK, f"key good._domainkey.{DOMAIN} OK\n")
+
+
+# -- testkey without -c: the default configuration file ----------------------------------------
+
+
+def _default_conf(tmp_path: Path, text: str) -> str:
+    conf = tmp_path / "authmilter.conf"
+    conf.write_text(text)
+    return str(conf)
+
+
+def test_testkey_without_dash_c_uses_the_default_configfiles_nameservers(
+    published: Published, tmp_path: Path
+) -> None:
+    """The documented key-rotation command (-d/-s/-k, no -c, no --nameservers) finds the key
+    through the default file's Nameservers, as opendkim-testkey reads /etc/opendkim.conf."""
+    conf = _default_conf(tmp_path, f"Nameservers {published.server.nameserver}\nDNSTimeout 2\n")
+    argv = ("testkey", "-d", DOMAIN, "-s", "good", "-k", published.key("good"))
+    assert invoke(*argv, default_config=conf) == (EXIT_OK, "key OK\n", "")
+    code, out, err = invoke(*argv, "-v", default_config=conf)
+    assert (code, out) == (EXIT_OK, "key OK\n")
+    assert err.splitlines()[0] == f"authmilter testkey: using default configfile {conf}"
+
+    # Without that file the system resolver is asked, which does not know the test zone.
+    absent = str(tmp_path / "absent.conf")
+    code, out, err = invoke(*argv, "-v", "--timeout", "1", default_config=absent)
+    assert code != EXIT_OK and out == ""
+    assert err.splitlines()[0] == (
+        f"authmilter testkey: no default configfile {absent}; using /etc/resolv.conf"
+    )
+    code, _, err = invoke(*argv, "--timeout", "1", default_config=absent)
+    assert code != EXIT_OK and "default configfile" not in err
+
+
+def test_testkey_default_configfiles_dnstimeout_applies(
+    blackhole_dns: BlackholeDns, tmp_path: Path
+) -> None:
+    conf = _default_conf(tmp_path, f"Nameservers {blackhole_dns.nameserver}\nDNSTimeout 1\n")
+    started = time.monotonic()
+    code, out, err = invoke("testkey", "-d", DOMAIN, "-s", "good", default_config=conf)
+    assert time.monotonic() - started < 3  # DNSTimeout 1, not the 5 s default
+    assert (code, out) == (EXIT_TEMPFAIL, "")
+    assert "timed out" in _one_line(err, "good")
+
+
+def test_testkey_nameservers_option_overrides_the_default_configfile(
+    published: Published, blackhole_dns: BlackholeDns, tmp_path: Path
+) -> None:
+    conf = _default_conf(tmp_path, f"Nameservers {blackhole_dns.nameserver}\nDNSTimeout 1\n")
+    code, out, err = invoke(
+        "testkey", "-d", DOMAIN, "-s", "good", "-v",
+        "--nameservers", published.server.nameserver, default_config=conf,
+    )  # fmt: skip
+    assert (code, out) == (EXIT_OK, "key OK\n")
+    assert "default configfile" not in err  # not even read
+
+
+def test_testkey_error_in_the_default_configfile_is_a_config_error_at_file_line(
+    tmp_path: Path,
+) -> None:
+    conf = _default_conf(tmp_path, "DNSTimeout 2\nNameservrs 127.0.0.1\n")
+    code, out, err = invoke("testkey", "-d", DOMAIN, "-s", "good", default_config=conf)
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert err.startswith(f"authmilter testkey: {conf}:2: unknown directive 'Nameservrs'")
+
+    conf = _default_conf(tmp_path, "Nameservers dns.example\n")
+    code, out, err = invoke("testkey", "-d", DOMAIN, "-s", "good", default_config=conf)
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert err.startswith(f"authmilter testkey: {conf}:1: Nameservers: ")
+    assert "not an IP address" in err
+
+
+def test_testkey_unreadable_default_configfile_is_skipped_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = _default_conf(tmp_path, "Nameservers 192.0.2.1\n")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root reads any file
+    code, _, err = invoke("testkey", "-s", "good", default_config=conf)
+    assert code == EXIT_USAGE  # -d/-s are checked before the file is looked at
+    code, _, err = invoke(
+        "testkey", "-d", "nonexistent.invalid", "-s", "good", "--timeout", "1",
+        default_config=conf,
+    )  # fmt: skip
+    assert code != EXIT_OK
+    assert err.splitlines()[0] == (
+        f"authmilter testkey: warning: cannot read default configfile {conf}; "
+        "using /etc/resolv.conf (give -c or --nameservers)"
+    )
+
+
+def test_cli_testkey_reads_cli_default_config_and_its_help_names_it(
+    published: Published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli.main(["testkey", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"Nameservers and DNSTimeout of {cli.DEFAULT_CONFIG} if it exists" in help_text
+    assert cli.DEFAULT_CONFIG == "/etc/authmilter.conf"
+
+    conf = _default_conf(tmp_path, f"Nameservers {published.server.nameserver}\n")
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", conf)
+    assert cli.main(["testkey", "-d", DOMAIN, "-s", "good", "-v"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert out == "key OK\n"
+    assert f"authmilter testkey: using default configfile {conf}" in err

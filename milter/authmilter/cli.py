@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -86,6 +87,29 @@ def load_from_args(ns: argparse.Namespace, err: TextIO) -> Loaded:
     for w in loaded.warnings:
         print(f"authmilter: warning: {w}", file=err)
     return Loaded(resolve_authserv_id(loaded.config), loaded.warnings)
+
+
+def read_default_config(path: str, err: TextIO, prefix: str, *, verbose: bool) -> Config | None:
+    """The default configuration file of ``testkey`` and ``check-dmarc`` (given neither ``-c``
+    nor ``--nameservers``), read as opendkim-testkey reads opendkim.conf without ``-x``.
+
+    None when ``path`` does not exist: the tool uses /etc/resolv.conf as before. A file that
+    exists but cannot be read is skipped with a warning (opendkim-testkey skips it silently).
+    With ``verbose`` it says which: "using default configfile …", in opendkim-testkey's words.
+
+    :raises ConfigError: naming file:line of the first problem in it.
+    """
+    if not os.path.exists(path):
+        if verbose:
+            print(f"{prefix}: no default configfile {path}; using /etc/resolv.conf", file=err)
+        return None
+    if not os.access(path, os.R_OK):
+        print(f"{prefix}: warning: cannot read default configfile {path}; using "
+              "/etc/resolv.conf (give -c or --nameservers)", file=err)  # fmt: skip
+        return None
+    if verbose:
+        print(f"{prefix}: using default configfile {path}", file=err)
+    return load_config(path).config
 
 
 def resolve_authserv_id(cfg: Config) -> Config:

@@ -1,9 +1,10 @@
 """The ``check-dmarc`` subcommand: opendmarc-check, ours.
 
-``authmilter check-dmarc [--nameservers SPEC] [--timeout S] [--method psl|treewalk]
-[--psl FILE] DOMAIN...`` finds the DMARC policy record that applies to each domain the way the
-milter does (RFC 7489 §6.6.3 with the public suffix list, or the DMARCbis tree walk) and prints
-it in opendmarc-check's layout (same labels, same order, a blank line between domains)::
+``authmilter check-dmarc [-c CONF] [--nameservers SPEC] [--timeout S] [--method psl|treewalk]
+[--psl FILE] [-v] DOMAIN...`` finds the DMARC policy record that applies to each domain the
+way the milter does (RFC 7489 §6.6.3 with the public suffix list, or the DMARCbis tree walk)
+and prints it in opendmarc-check's layout (same labels, same order, a blank line between
+domains)::
 
     DMARC record for mail.example.com:
     \tSample percentage: 100
@@ -21,6 +22,10 @@ domain, ``np=``/``t=``/``psd=`` when the record has them, the policy that applie
 itself, and warnings about discarded parts of the record. A domain without a usable record gets
 one line on stderr.
 
+The lookups use ``--nameservers``, else the ``Nameservers`` (and ``DNSTimeout``) of ``-c CONF``,
+else those of the default configuration file (``cli.DEFAULT_CONFIG``) when it exists, as
+opendkim-testkey reads opendkim.conf; else /etc/resolv.conf.
+
 Exit codes follow ``sysexits.h`` (opendmarc-check exits 70 for every failure); with several
 domains, the code of the first domain that fails:
 
@@ -30,7 +35,8 @@ domains, the code of the first domain that fails:
 65     EX_DATAERR: a broken DMARC record (permerror) or a malformed DNS answer
 69     EX_UNAVAILABLE: no DMARC record, or several at one name (then none applies)
 75     EX_TEMPFAIL: a DNS lookup failed transiently (timeout, SERVFAIL); try again
-78     EX_CONFIG: the --psl file cannot be read, or no nameserver is configured
+78     EX_CONFIG: the --psl file or the configuration file cannot be used, or no
+       nameserver is configured
 =====  ===============================================================================
 """
 
@@ -48,7 +54,7 @@ from authmilter.dmarc import (
     discover,
     normalize_domain,
 )
-from authmilter.errors import ConfigError
+from authmilter.errors import ConfigError, Location
 from authmilter.resolver import Resolver
 from authmilter.results import DmarcResult
 
@@ -91,30 +97,51 @@ def _say(stream: TextIO, message: str) -> None:
 
 def add_check_dmarc_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    default_config: str | None = None,
 ) -> None:
-    """Add the ``check-dmarc`` subcommand (opendmarc-check, with more detail) to ``subparsers``."""
+    """Add the ``check-dmarc`` subcommand (opendmarc-check, with more detail) to ``subparsers``.
+
+    ``default_config`` is the file read for resolver settings without ``-c`` (default
+    ``cli.DEFAULT_CONFIG``, looked up now, so a test can point it elsewhere).
+    """
+    if default_config is None:
+        from authmilter import cli
+
+        default_config = cli.DEFAULT_CONFIG
     parser = subparsers.add_parser(
         COMMAND,
         help="show the DMARC policy that applies to domains (as opendmarc-check)",
         description=(
             "Find the DMARC record that applies to each DOMAIN as the milter does and print it "
             "in opendmarc-check's layout, plus where it was found and the DMARCbis tags. "
+            "Without -c or --nameservers the lookups use the Nameservers and DNSTimeout of "
+            f"{default_config} if it exists, else /etc/resolv.conf. "
             "Exit status 0 when every domain has a valid record; 64 usage, 65 broken record, "
             "69 no record, 75 DNS failure, 78 configuration."
         ),
     )
     parser.add_argument("domains", nargs="+", metavar="DOMAIN", help="From domain to check")
     parser.add_argument(
+        "-c",
+        "--config",
+        metavar="CONF",
+        help="take Nameservers and DNSTimeout from this configuration file "
+        f"(default: {default_config} if it exists)",
+    )
+    parser.add_argument(
         "--nameservers",
         metavar="SPEC",
         help="comma-separated nameservers, e.g. 127.0.0.1:5353,[::1]:5353 "
-        "(default: /etc/resolv.conf)",
+        f"(default: the Nameservers of -c CONF, else of {default_config} if it exists, "
+        "else /etc/resolv.conf)",
     )
     parser.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_TIMEOUT,
-        help=f"DNS deadline per lookup in seconds (default: {DEFAULT_TIMEOUT:g})",
+        default=None,
+        help="DNS deadline per lookup in seconds (default: the configuration's DNSTimeout, "
+        f"else {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument(
         "--method",
@@ -129,7 +156,13 @@ def add_check_dmarc_parser(
         help="public suffix list file (OpenDMARC's PublicSuffixList; default: the list "
         "shipped with the publicsuffixlist package)",
     )
-    parser.set_defaults(func=run_check_dmarc)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say on stderr which configuration file the resolver settings come from",
+    )
+    parser.set_defaults(func=run_check_dmarc, default_config=default_config)
 
 
 def format_record(domain: str, found: Discovery, record: DmarcRecord) -> list[str]:
@@ -184,14 +217,9 @@ def _applied(domain: str, found: Discovery, record: DmarcRecord) -> str:
 def run_check_dmarc(ns: argparse.Namespace) -> int:
     """Handle ``check-dmarc``: print the policy record of each domain; return the exit code."""
     err = sys.stderr
-    try:
-        resolver = Resolver([ns.nameservers] if ns.nameservers else None, timeout=ns.timeout)
-    except ValueError as exc:
-        _say(err, f"--nameservers/--timeout: {exc}")
-        return EXIT_USAGE
-    except ConfigError as exc:
-        _say(err, str(exc))
-        return EXIT_CONFIG
+    resolver = _make_resolver(ns, err)
+    if isinstance(resolver, int):
+        return resolver
     try:
         psl = PublicSuffix(ns.psl)
     except ConfigError as exc:
@@ -220,6 +248,52 @@ def run_check_dmarc(ns: argparse.Namespace) -> int:
         if code != EXIT_OK and first_failure == EXIT_OK:
             first_failure = code
     return first_failure
+
+
+def _make_resolver(ns: argparse.Namespace, err: TextIO) -> Resolver | int:
+    """The resolver: --nameservers, else the Nameservers of -c CONF, else of the default
+    configuration file when it exists, else resolv.conf; the timeout likewise from --timeout,
+    else DNSTimeout. Returns it, or an exit code after printing the problem (a problem in a
+    configuration file is named file:line).
+    """
+    from authmilter import cli
+    from authmilter.config import Config, load_config
+
+    path: str = ns.config or getattr(ns, "default_config", None) or cli.DEFAULT_CONFIG
+    config: Config | None = None
+    try:
+        if ns.config:
+            config = load_config(ns.config).config
+            if ns.verbose:
+                _say(err, f"using configfile {ns.config}")
+        elif not ns.nameservers:
+            config = cli.read_default_config(path, err, f"{PROG} {COMMAND}", verbose=ns.verbose)
+    except ConfigError as exc:
+        _say(err, str(exc))
+        return EXIT_CONFIG
+    timeout: float = ns.timeout if ns.timeout is not None else DEFAULT_TIMEOUT
+    if ns.timeout is None and config is not None and config.dns_timeout:
+        timeout = float(config.dns_timeout)  # DNSTimeout 0 ("wait forever") keeps the default
+    try:
+        if ns.nameservers or config is None:
+            return Resolver([ns.nameservers] if ns.nameservers else None, timeout=timeout)
+        return Resolver(list(config.nameservers) or None, timeout=timeout)
+    except ValueError as exc:
+        if config is None or (ns.nameservers and timeout > 0):
+            _say(err, f"--nameservers/--timeout: {exc}")
+            return EXIT_USAGE
+        if timeout > 0:
+            attr, name = "nameservers", "Nameservers"
+        elif ns.timeout is not None:
+            _say(err, f"--timeout: {exc}")
+            return EXIT_USAGE
+        else:
+            attr, name = "dns_timeout", "DNSTimeout"
+        _say(err, str(ConfigError(f"{name}: {exc}", config.location(attr) or Location(path))))
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        _say(err, str(exc))
+        return EXIT_CONFIG
 
 
 def _code(found: Discovery) -> int:

@@ -7,6 +7,9 @@ the KeyTable and SigningTable lines that put the key to use.
 
 ``testkey`` looks up ``<selector>._domainkey.<domain>`` and checks the record, and the private
 key against it when ``-k`` is given; ``-c`` checks every KeyTable entry of a config file.
+Without ``-c`` or ``--nameservers`` the lookups use the ``Nameservers`` and ``DNSTimeout`` of the
+default configuration file (``cli.DEFAULT_CONFIG``) when it exists, as opendkim-testkey reads
+opendkim.conf; else /etc/resolv.conf.
 
 Exit codes follow ``sysexits.h``, as OpenDKIM's tools do; see the ``EXIT_*`` constants.
 """
@@ -23,7 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import TextIO
 
-from authmilter.errors import ConfigError, KeyMaterialError
+from authmilter.errors import ConfigError, KeyMaterialError, Location
 from authmilter.keys import (
     MIN_RSA_BITS,
     RECOMMENDED_RSA_BITS,
@@ -332,8 +335,20 @@ def run_genkey(ns: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def add_testkey_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``testkey`` subcommand (opendkim-testkey's options) to ``subparsers``."""
+def add_testkey_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    default_config: str | None = None,
+) -> None:
+    """Add the ``testkey`` subcommand (opendkim-testkey's options) to ``subparsers``.
+
+    ``default_config`` is the file read for resolver settings without ``-c`` (default
+    ``cli.DEFAULT_CONFIG``, looked up now, so a test can point it elsewhere).
+    """
+    if default_config is None:
+        from authmilter import cli
+
+        default_config = cli.DEFAULT_CONFIG
     parser = subparsers.add_parser(
         "testkey",
         help="check a published DKIM key record against a private key (as opendkim-testkey)",
@@ -341,7 +356,9 @@ def add_testkey_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
             "Look up <selector>._domainkey.<domain>, check the key record, and with -k check "
             "that it publishes the public half of the private key. Prints 'key OK' on "
             "success; otherwise one line naming the domain, selector and problem, and a "
-            "non-zero exit status."
+            "non-zero exit status. Without -c or --nameservers the lookups use the "
+            f"Nameservers and DNSTimeout of {default_config} if it exists (as "
+            "opendkim-testkey reads /etc/opendkim.conf), else /etc/resolv.conf."
         ),
     )
     parser.add_argument("-d", "--domain", help="signing domain")
@@ -352,19 +369,22 @@ def add_testkey_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "-x",
         "--config",
         metavar="CONF",
-        help="test every KeyTable entry of this configuration file",
+        help="test every KeyTable entry of this configuration file (without -c, "
+        f"-d/-s lookups use the Nameservers of {default_config} if it exists)",
     )
     parser.add_argument(
         "--nameservers",
         metavar="SPEC",
         help="comma-separated nameservers, e.g. 127.0.0.1:5353,[::1]:5353 "
-        "(default: the config's Nameservers, else /etc/resolv.conf)",
+        f"(default: the Nameservers of -c CONF, else of {default_config} if it exists, "
+        "else /etc/resolv.conf)",
     )
     parser.add_argument(
         "--timeout",
         type=float,
         default=None,
-        help=f"DNS deadline per lookup in seconds (default: {DEFAULT_TIMEOUT:g})",
+        help="DNS deadline per lookup in seconds (default: the configuration's DNSTimeout, "
+        f"else {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument(
         "--require-safe-keys",
@@ -373,9 +393,13 @@ def add_testkey_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "is readable or replaceable by other users",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="report progress on stderr"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="report progress on stderr, including which configuration file is read",
     )
-    parser.set_defaults(func=run_testkey)
+    parser.set_defaults(func=run_testkey, default_config=default_config)
 
 
 def _make_resolver(spec: str | None, nameservers: Sequence[str], timeout: float) -> Resolver:
@@ -386,6 +410,51 @@ def _make_resolver(spec: str | None, nameservers: Sequence[str], timeout: float)
     """
     servers = [spec] if spec else list(nameservers)
     return Resolver(servers or None, timeout=timeout)
+
+
+def _default_resolver(ns: argparse.Namespace) -> Resolver | int:
+    """The resolver for ``-d``/``-s`` (no ``-c``): --nameservers, else the default configuration
+    file's Nameservers and DNSTimeout when it exists, else resolv.conf. Returns it, or an exit
+    code after printing the problem (a problem in the default file is named file:line).
+    """
+    from authmilter import cli
+    from authmilter.config import Config
+
+    err = sys.stderr
+    path: str = getattr(ns, "default_config", None) or cli.DEFAULT_CONFIG
+    config: Config | None = None
+    if not ns.nameservers:
+        try:
+            config = cli.read_default_config(path, err, f"{PROG} testkey", verbose=ns.verbose > 0)
+        except ConfigError as exc:
+            _say(err, "testkey", str(exc))
+            return EXIT_CONFIG
+    if config is None:
+        try:
+            return _make_resolver(ns.nameservers, (), ns.timeout or DEFAULT_TIMEOUT)
+        except ValueError as exc:
+            _say(err, "testkey", f"--nameservers/--timeout: {exc}")
+            return EXIT_USAGE
+        except ConfigError as exc:
+            _say(err, "testkey", str(exc))
+            return EXIT_CONFIG
+    timeout = ns.timeout or float(config.dns_timeout or DEFAULT_TIMEOUT)
+    try:
+        return _make_resolver(None, config.nameservers, timeout)
+    except ValueError as exc:
+        if timeout > 0:
+            attr, name = "nameservers", "Nameservers"
+        elif ns.timeout:
+            _say(err, "testkey", f"--timeout: {exc}")
+            return EXIT_USAGE
+        else:
+            attr, name = "dns_timeout", "DNSTimeout"
+        where = config.location(attr) or Location(path)
+        _say(err, "testkey", str(ConfigError(f"{name}: {exc}", where)))
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        _say(err, "testkey", str(exc))
+        return EXIT_CONFIG
 
 
 def _load_key(
@@ -446,14 +515,9 @@ def run_testkey(ns: argparse.Namespace) -> int:
     if not ns.domain or not ns.selector:
         _say(sys.stderr, "testkey", "give -d DOMAIN and -s SELECTOR (or -c CONF)")
         return EXIT_USAGE
-    try:
-        resolver = _make_resolver(ns.nameservers, (), ns.timeout or DEFAULT_TIMEOUT)
-    except ValueError as exc:
-        _say(sys.stderr, "testkey", f"--nameservers/--timeout: {exc}")
-        return EXIT_USAGE
-    except ConfigError as exc:
-        _say(sys.stderr, "testkey", str(exc))
-        return EXIT_CONFIG
+    resolver = _default_resolver(ns)
+    if isinstance(resolver, int):
+        return resolver
     label = f"domain {ns.domain}, selector {ns.selector}"
     private: PrivateKey | None = None
     if ns.keyfile:
