@@ -210,3 +210,34 @@ def test_syslog_settings_choose_handler_facility_and_name() -> None:
     setup_logging(Config.from_text("Syslog no\n"))
     (handler,) = logging.getLogger("authmilter").handlers
     assert type(handler) is logging.StreamHandler
+
+
+def _run_once(conf_text: str, directory: Path, command: str = "run") -> tuple[int, str]:
+    conf = directory / "a.conf"
+    conf.write_text(conf_text)
+    done = subprocess.run([sys.executable, "-m", "authmilter", command, "-c", str(conf)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "config-test"])
+def test_a_missing_socket_folder_is_named_at_the_socket_line(command: str) -> None:
+    d = new_socket_dir("server-")
+    missing = d / "not-there"
+    code, err = _run_once(f"Socket local:{missing}/m.sock\n", d, command)
+    assert code == 78, err
+    assert f"{d}/a.conf:1: Socket local:{missing}/m.sock: the folder {missing} does not exist" \
+        in err
+    assert "Traceback" not in err and not missing.exists()
+
+
+def test_a_busy_port_is_reported_with_its_errno() -> None:
+    d = new_socket_dir("server-")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = _run_once(f"Socket inet:{port}@127.0.0.1\n", d)
+    assert code == 78, err
+    assert f"Socket inet:{port}@127.0.0.1: cannot listen: [Errno 98] Address already in use" in err
+    assert "Traceback" not in err

@@ -149,8 +149,11 @@ def build_context(cfg: Config, err: TextIO) -> Context:
 
 def cmd_config_test(ns: argparse.Namespace) -> int:
     """``authmilter config-test``: exit 0 only when the configuration is usable."""
+    from authmilter.server import check_socket_folder
+
     loaded = load_from_args(ns, sys.stderr)
     build_context(loaded.config, sys.stderr)
+    check_socket_folder(loaded.config)
     if ns.verbose:
         for line in effective_lines(loaded.config):
             print(line)

@@ -320,6 +320,47 @@ def _socket_path(spec: str) -> str | None:
     return spec.partition(":")[2] if spec.startswith("local:") else None
 
 
+def check_socket_folder(cfg: Config) -> None:
+    """A ``local:`` socket's folder must exist and be a folder (config-test, and before binding).
+
+    :raises ConfigError: naming the Socket line, the folder and what is wrong with it.
+    """
+    path = _socket_path(cfg.socket)
+    if path is None:
+        return
+    folder = os.path.dirname(path) or "."
+    if not os.path.exists(folder):
+        raise ConfigError(f"Socket {cfg.socket}: the folder {folder} does not exist; create it "
+                          "(the systemd unit's RuntimeDirectory= does, for /run)",
+                          cfg.location("socket"))  # fmt: skip
+    if not os.path.isdir(folder):
+        raise ConfigError(f"Socket {cfg.socket}: {folder} is not a folder", cfg.location("socket"))
+
+
+def _bind_problem(spec: str) -> str:
+    """Why binding ``spec`` fails, with its errno, found by trying it (libmilter says only
+    "cannot opensocket"); empty when a plain bind succeeds."""
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "local":
+            probe = socket.socket(socket.AF_UNIX)
+            target: Any = rest
+            if os.path.exists(rest):
+                return f"{rest} exists and cannot be replaced"
+        else:
+            port, _, host = rest.partition("@")
+            family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
+            probe = socket.socket(family)
+            target = (host.strip("[]") or ("::" if kind == "inet6" else "0.0.0.0"), int(port))
+        with probe:
+            probe.bind(target)
+        if kind == "local":
+            os.unlink(rest)
+    except OSError as e:
+        return f"[Errno {e.errno}] {e.strerror}"
+    return ""
+
+
 def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
     """Open the socket, drop privileges, and serve until SIGTERM/SIGINT; returns the exit code.
 
@@ -336,9 +377,15 @@ def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
     # time (a regular module wins over a namespace folder on sys.path).
     libmilter: Any = importlib.import_module("milter")
     _register(libmilter)
+    check_socket_folder(cfg)
     libmilter.setconn(cfg.socket)
     libmilter.settimeout(600)
-    libmilter.opensocket(True)  # True: remove a stale UNIX socket file first
+    try:
+        libmilter.opensocket(True)  # True: remove a stale UNIX socket file first
+    except libmilter.error as e:
+        why = _bind_problem(cfg.socket) or str(e)
+        raise ConfigError(f"Socket {cfg.socket}: cannot listen: {why}",
+                          cfg.location("socket")) from None  # fmt: skip
     pid_file = cfg.pid_file
     if pid_file:
         with open(pid_file, "w") as f:
