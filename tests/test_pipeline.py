@@ -470,3 +470,18 @@ def test_fifty_megabyte_message_is_processed_in_bounded_memory(keydir: Path, key
         assert added(verdict, "DKIM-Signature")
     else:
         assert dkim_results(verdict) == [("fail", "remote.test")]  # the body was replaced
+
+
+def test_a_signing_library_failure_keeps_its_traceback(keydir: Path, keys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """On-SignatureError answers, and the adapter logs the traceback below the line."""
+    import authmilter.pipeline
+
+    def boom(*_args: object, **_kwargs: object) -> bytes:
+        raise RuntimeError("boom: simulated signing bug")
+
+    monkeypatch.setattr(authmilter.pipeline, "sign", boom)
+    verdict = feed(make_context(keydir, keys), MESSAGE, ip="127.0.0.1")
+    assert verdict.action is Action.REJECT and "signing error" in verdict.log
+    assert verdict.traceback is not None
+    assert verdict.traceback.endswith("RuntimeError: boom: simulated signing bug")

@@ -10,6 +10,7 @@ import dataclasses
 import random
 import re
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ class Verdict:
     log: str = ""
     direction: Direction = Direction.VERIFY
     results: tuple[tuple[str, str], ...] = ()
+    #: The traceback of an unexpected failure behind the verdict (a signing library error),
+    #: for the adapter to log below the line.
+    traceback: str | None = None
 
 
 # -- the shared, read-only context ------------------------------------------------------------
@@ -534,7 +538,8 @@ class Transaction:
                 value = sign(wire, None, key, self.ctx.signing_policy, now=now,
                              body_hash=bh.digest())  # fmt: skip
             except Exception as e:  # noqa: BLE001 - a key/library failure must not lose mail
-                return self._sign_error(qid, edits, f"signing with {key.keyname} failed: {e}")
+                verdict = self._sign_error(qid, edits, f"signing with {key.keyname} failed: {e}")
+                return dataclasses.replace(verdict, traceback=traceback.format_exc().rstrip())
             added.append(AddHeader("DKIM-Signature", _milter_folding(value)))
             described.append(f"d={key.domain} s={key.selector} a={self._algorithm(key)}")
         # Each insert goes to the top; insert in reverse so the first key's signature is on top.

@@ -247,7 +247,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
     def apply(self, verdict: Verdict) -> int:
         """Carry out a verdict: header edits, quarantine, reply, and the log line."""
         cfg = self.ctx.config
-        if verdict.action is not Action.ACCEPT or cfg.syslog_success:
+        if verdict.traceback:
+            log.error("%s\n%s", verdict.log, verdict.traceback)
+        elif verdict.action is not Action.ACCEPT or cfg.syslog_success:
             log.info("%s", verdict.log)
         for edit in verdict.edits:
             if isinstance(edit, DeleteHeader):
