@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.set_defaults(func=cmd_config_test)
 
     add_genkey_parser(sub)
-    add_testkey_parser(sub)
-    add_check_dmarc_parser(sub)
+    add_testkey_parser(sub, default_config=DEFAULT_CONFIG)
+    add_check_dmarc_parser(sub, default_config=DEFAULT_CONFIG)
     return parser
 
 

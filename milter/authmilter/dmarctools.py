@@ -98,17 +98,13 @@ def _say(stream: TextIO, message: str) -> None:
 def add_check_dmarc_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     *,
-    default_config: str | None = None,
+    default_config: str,
 ) -> None:
     """Add the ``check-dmarc`` subcommand (opendmarc-check, with more detail) to ``subparsers``.
 
-    ``default_config`` is the file read for resolver settings without ``-c`` (default
-    ``cli.DEFAULT_CONFIG``, looked up now, so a test can point it elsewhere).
+    ``default_config`` is the file read for resolver settings without ``-c`` (the CLI passes
+    ``cli.DEFAULT_CONFIG``; a test can point it elsewhere).
     """
-    if default_config is None:
-        from authmilter import cli
-
-        default_config = cli.DEFAULT_CONFIG
     parser = subparsers.add_parser(
         COMMAND,
         help="show the DMARC policy that applies to domains (as opendmarc-check)",

@@ -338,17 +338,13 @@ def run_genkey(ns: argparse.Namespace) -> int:
 def add_testkey_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     *,
-    default_config: str | None = None,
+    default_config: str,
 ) -> None:
     """Add the ``testkey`` subcommand (opendkim-testkey's options) to ``subparsers``.
 
-    ``default_config`` is the file read for resolver settings without ``-c`` (default
-    ``cli.DEFAULT_CONFIG``, looked up now, so a test can point it elsewhere).
+    ``default_config`` is the file read for resolver settings without ``-c`` (the CLI passes
+    ``cli.DEFAULT_CONFIG``; a test can point it elsewhere).
     """
-    if default_config is None:
-        from authmilter import cli
-
-        default_config = cli.DEFAULT_CONFIG
     parser = subparsers.add_parser(
         "testkey",
         help="check a published DKIM key record against a private key (as opendkim-testkey)",
