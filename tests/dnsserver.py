@@ -319,13 +319,18 @@ def _bind_udp_and_tcp(host: str, backlog: int,
 
 
 class BlackholeDns:
-    """A loopback "nameserver" that takes queries over UDP and TCP and never answers."""
+    """A loopback "nameserver" that takes queries over UDP and TCP and never answers.
+
+    :meth:`received` lists the UDP queries that reached it, so a test can count what was
+    asked instead of timing how long the asking took.
+    """
 
     def __init__(self) -> None:
         self.host = LOOPBACK
         self.port = 0
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
+        self._received: list[SeenQuery] = []
 
     @property
     def nameserver(self) -> str:
@@ -338,6 +343,31 @@ class BlackholeDns:
         """
         self.port, self._udp, self._tcp = _bind_udp_and_tcp(self.host, 64, "black-hole")
         return self
+
+    def received(self) -> list[SeenQuery]:
+        """The UDP queries that arrived so far, in order (TCP connections are not counted).
+
+        The datagrams wait unread in the socket's queue until this reads them off (still
+        unanswered); on loopback a datagram is queued when the sender's ``sendto`` returns, so
+        every query a finished lookup sent is here. Unparsable datagrams are listed with an
+        empty name and type.
+        """
+        udp = self._udp
+        if udp is not None:
+            while True:
+                try:
+                    data = udp.recv(65_535, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                try:
+                    question = dns.message.from_wire(data).question[0]
+                except (dns.exception.DNSException, IndexError):
+                    self._received.append(SeenQuery("", "", False))
+                    continue
+                name, rdtype = _key(question.name.to_text(),
+                                    dns.rdatatype.to_text(question.rdtype))  # fmt: skip
+                self._received.append(SeenQuery(name, rdtype, False))
+        return list(self._received)
 
     def stop(self) -> None:
         """Close the sockets."""
