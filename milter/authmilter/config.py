@@ -14,7 +14,9 @@ with file:line.
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
+import pwd
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -317,7 +319,9 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("StrictHeaders", Kind.BOOL, False, D, IG, "See RequiredHeaders."),
     _d("StrictTestMode", Kind.BOOL, False, D, IG, "Not applicable."),
     _d("SubDomains", Kind.BOOL, False, D, S, "Sign for subdomains of Domain/SigningTable domains."),
-    _d("Syslog", Kind.BOOL, False, B, S, "Log to syslog (else to standard error)."),
+    _d("Syslog", Kind.BOOL, True, B, S,
+       "Log to syslog (SyslogFacility, default mail), as Debian's packages do; with no "
+       "/dev/log, to standard error with a warning. `no`: standard error only."),
     _d("SyslogFacility", Kind.STRING, "mail", B, S, "Syslog facility name."),
     _d("SyslogName", Kind.STRING, "authmilter", D, S, "Syslog identifier."),
     _d("SyslogSuccess", Kind.BOOL, False, D, S, "Also log successful signing/verification."),
@@ -514,7 +518,7 @@ class Config:
     signing_table: DatasetSpec | None = None
     socket: str = "inet:8891@127.0.0.1"
     sub_domains: bool = False
-    syslog: bool = False
+    syslog: bool = True
     syslog_facility: str = "mail"
     syslog_name: str = "authmilter"
     syslog_success: bool = False
@@ -1255,3 +1259,35 @@ if __name__ == "__main__":  # pragma: no cover - `make docs`
     else:
         sys.stderr.write("usage: python -m authmilter.config --update docs/configuration.md\n")
         sys.exit(2)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """The ``UserID`` user and group that the workers become."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def user_id_account(cfg: Config) -> Account | None:
+    """Resolve ``UserID user[:group]`` (the group defaults to the user's own), or None
+    without UserID.
+
+    :raises ConfigError: for an unknown user or group, at the UserID line.
+    """
+    if not cfg.user_id:
+        return None
+    user, _, group = cfg.user_id.partition(":")
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"UserID: unknown user '{user}'", cfg.location("user_id")) from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"UserID: unknown group '{group}'",
+                              cfg.location("user_id")) from None  # fmt: skip
+    return Account(user, pw.pw_uid, gid)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import grp
 import os
 import pwd
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -51,6 +52,7 @@ __all__ = [
     "generate_private_key",
     "key_record_name",
     "key_record_text",
+    "key_owners",
     "load_private_key",
     "parse_key_record",
     "parse_private_key",
@@ -73,7 +75,6 @@ SIGNING_HASH = "sha256"
 PrivateKeyObject = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 PublicKeyObject = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
-_SAFE_KEYS_HINT = "chmod 600 it or set RequireSafeKeys false"
 _FWS = " \t\r\n"
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _LIST_ITEM = re.compile(r"[A-Za-z0-9*][A-Za-z0-9_.*+-]*\Z")
@@ -245,18 +246,18 @@ def parse_private_key(data: bytes, *, source: str) -> PrivateKey:
     return _wrap(der_key, source)
 
 
-def _user_names_sharing_group(gid: int, me: int) -> list[str]:
-    """Names of users other than ``me`` and root that can use group ``gid``.
+def _user_names_sharing_group(gid: int, trusted: frozenset[int]) -> list[str]:
+    """Names of users other than the trusted ones that can use group ``gid``.
 
     :raises KeyError: the group is unknown to the group database.
     """
-    me_name = _user_name(me)
+    names = {_user_name(uid) for uid in trusted}
     group = grp.getgrgid(gid)
-    others = [m for m in group.gr_mem if m not in (me_name, "root")]
+    others = [m for m in group.gr_mem if m not in names]
     others += [
         p.pw_name
         for p in pwd.getpwall()
-        if p.pw_gid == gid and p.pw_uid not in (me, 0) and p.pw_name not in others
+        if p.pw_gid == gid and p.pw_uid not in trusted and p.pw_name not in others
     ]
     return others
 
@@ -273,10 +274,10 @@ def _access_words(bits: int, read: int, write: int) -> str:
     return " and ".join(words)
 
 
-def _group_problem(st: os.stat_result, me: int) -> str | None:
-    """``None`` when the file's group holds no user but ``me`` and root, else why not."""
+def _group_problem(st: os.stat_result, trusted: frozenset[int]) -> str | None:
+    """``None`` when the file's group holds no user but trusted ones, else why not."""
     try:
-        others = _user_names_sharing_group(st.st_gid, me)
+        others = _user_names_sharing_group(st.st_gid, trusted)
     except KeyError:
         return f"its group (gid {st.st_gid}) is not in the group database"
     if not others:
@@ -285,18 +286,32 @@ def _group_problem(st: os.stat_result, me: int) -> str | None:
     return f"group '{group_name}' also holds user '{others[0]}'"
 
 
-def unsafe_key_file_reason(path: str) -> str | None:
-    """Tell why a private key file is not safe, or ``None`` when it is.
+def key_owners(extra: Iterable[int] = ()) -> frozenset[int]:
+    """Who may own a key file and the folders above it: root, the running user, and
+    ``extra`` (the ``UserID`` user, whom the workers become)."""
+    return frozenset({0, os.geteuid(), *extra})
 
-    The rule is OpenDKIM's ``dkimf_securefile()`` (what ``RequireSafeKeys`` enforces), made
-    stricter for the file itself:
 
-    - the file is owned by the running user or root;
+def _owner_words(trusted: frozenset[int]) -> str:
+    names = [_user_name(uid) for uid in sorted(trusted) if uid != 0]
+    return " or ".join(["root", *names])
+
+
+def unsafe_key_file_reason(path: str, trusted: frozenset[int] | None = None) -> str | None:
+    """Tell why a private key file is not safe, or ``None`` when it is. The reason ends with
+    what to do about it (``chmod 600 FILE``, ``chown root FILE`` …).
+
+    The rule is OpenDKIM's ``dkimf_securefile()`` (what ``RequireSafeKeys`` enforces), with
+    the owners that may be trusted given by ``trusted`` (default :func:`key_owners`: root and
+    the running user; the server adds the ``UserID`` user), and stricter for the file itself:
+
+    - the file is owned by a trusted user;
     - it is not readable or writable by group or others (``mode & 0o066``). OpenDKIM allows
       group access when no other user can be in the file's group (``0640 root:opendkim``);
       authmilter refuses it, so a key never becomes readable by adding a user to a group;
-    - no directory above it can be written by others, or by a group holding other users, or
-      is owned (and writable) by another non-root user.
+    - no directory above it can be written by others, or by a group holding untrusted
+      users, or is owned (and writable) by an untrusted user. A folder owned by a trusted
+      user with mode 0700 (Debian's ``/etc/dkimkeys``, owned by the milter's user) is fine.
 
     One deliberate difference the other way: a world-writable directory with the sticky bit
     (``/tmp``) is accepted, as nobody else can rename or delete the entries of ours below it;
@@ -304,20 +319,22 @@ def unsafe_key_file_reason(path: str) -> str | None:
 
     :raises OSError: the file or a directory above it cannot be examined.
     """
-    me = os.geteuid()
+    trusted = key_owners() if trusted is None else trusted
     real = os.path.realpath(path)
     st = os.stat(real)
     mode = stat.S_IMODE(st.st_mode)
-    if st.st_uid not in (me, 0):
+    owners = _owner_words(trusted)
+    if st.st_uid not in trusted:
         return (
-            f"owned by uid {st.st_uid} ({_user_name(st.st_uid)}), not by the running user "
-            f"(uid {me}) or root"
+            f"owned by uid {st.st_uid} ({_user_name(st.st_uid)}), which may not own keys "
+            f"(only {owners}); chown it to one of those, or set RequireSafeKeys false"
         )
     other_bits = mode & (stat.S_IROTH | stat.S_IWOTH)
     group_bits = mode & (stat.S_IRGRP | stat.S_IWGRP)
     if group_bits or other_bits:
         access = _access_words(group_bits | (other_bits << 3), stat.S_IRGRP, stat.S_IWGRP)
-        return f"mode {mode:04o} is {access} by group/others"
+        return (f"mode {mode:04o} is {access} by group/others; chmod 600 it or set "
+                "RequireSafeKeys false")  # fmt: skip
 
     directory = os.path.dirname(real)
     while True:
@@ -325,15 +342,18 @@ def unsafe_key_file_reason(path: str) -> str | None:
         dmode = stat.S_IMODE(dst.st_mode)
         sticky = bool(dmode & stat.S_ISVTX)
         if dmode & stat.S_IWOTH and not sticky:
-            return f"directory {directory} (mode {dmode:04o}) is writable by others"
+            return (f"directory {directory} (mode {dmode:04o}) is writable by others; "
+                    f"chmod o-w {directory}")  # fmt: skip
         if dmode & stat.S_IWGRP and not sticky:
-            reason = _group_problem(dst, me)
+            reason = _group_problem(dst, trusted)
             if reason is not None:
-                return f"directory {directory} (mode {dmode:04o}) is group-writable and {reason}"
-        if dmode & stat.S_IWUSR and dst.st_uid not in (me, 0):
+                return (f"directory {directory} (mode {dmode:04o}) is group-writable and "
+                        f"{reason}; chmod g-w {directory}")  # fmt: skip
+        if dmode & stat.S_IWUSR and dst.st_uid not in trusted:
             return (
                 f"directory {directory} is writable by its owner uid {dst.st_uid} "
-                f"({_user_name(dst.st_uid)}), not the running user or root"
+                f"({_user_name(dst.st_uid)}), who may not own keys (only {owners}); chown "
+                f"it to one of those"
             )
         parent = os.path.dirname(directory)
         if parent == directory:
@@ -341,13 +361,14 @@ def unsafe_key_file_reason(path: str) -> str | None:
         directory = parent
 
 
-def load_private_key(path: str | os.PathLike[str], *, require_safe: bool = True) -> PrivateKey:
+def load_private_key(path: str | os.PathLike[str], *, require_safe: bool = True,
+                     trusted: frozenset[int] | None = None) -> PrivateKey:  # fmt: skip
     """Read and parse the private key file at ``path``.
 
     With ``require_safe`` (OpenDKIM's ``RequireSafeKeys``, on by default) a file that others
-    could read or replace is refused; see :func:`unsafe_key_file_reason` for the exact rule,
-    e.g. ``/etc/dkim/sel.private: mode 0644 is readable by others; chmod 600 it or set
-    RequireSafeKeys false``.
+    could read or replace is refused; see :func:`unsafe_key_file_reason` for the exact rule
+    and ``trusted``, e.g. ``/etc/dkim/sel.private: mode 0644 is readable by group/others;
+    chmod 600 it or set RequireSafeKeys false``.
 
     :raises KeyMaterialError: the file cannot be read (with the OS reason), is not a regular
         file, is unsafe, or does not hold a usable key.
@@ -357,7 +378,8 @@ def load_private_key(path: str | os.PathLike[str], *, require_safe: bool = True)
         # O_NONBLOCK: a FIFO planted at the name must not hang us; regular files ignore it.
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise KeyMaterialError(f"{name}: cannot open key file: {exc.strerror}") from None
+        raise KeyMaterialError(f"{name}: cannot open key file: {exc.strerror}"
+                               f"{_who_cannot(exc)}") from None  # fmt: skip
     except ValueError as exc:  # a NUL in the name: "embedded null byte"
         raise KeyMaterialError(f"{name!r}: cannot open key file: {exc}") from None
     try:
@@ -371,11 +393,11 @@ def load_private_key(path: str | os.PathLike[str], *, require_safe: bool = True)
             )
         if require_safe:
             try:
-                reason = unsafe_key_file_reason(name)
+                reason = unsafe_key_file_reason(name, trusted)
             except OSError as exc:
                 raise KeyMaterialError(f"{name}: cannot check permissions: {exc}") from None
             if reason is not None:
-                raise KeyMaterialError(f"{name}: {reason}; {_SAFE_KEYS_HINT}")
+                raise KeyMaterialError(f"{name}: {reason}")
         chunks: list[bytes] = []
         while chunk := os.read(fd, MAX_KEY_FILE_SIZE + 1):
             chunks.append(chunk)
@@ -385,6 +407,16 @@ def load_private_key(path: str | os.PathLike[str], *, require_safe: bool = True)
     finally:
         os.close(fd)
     return parse_private_key(data, source=name)
+
+
+def _who_cannot(exc: OSError) -> str:
+    """For a refused open: who tried (the keys are read by the supervisor, as the user that
+    started authmilter)."""
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    uid = os.geteuid()
+    return (f" (authmilter reads keys as the user that started it, here uid {uid} "
+            f"({_user_name(uid)}); start it as root, or let that user read the file)")
 
 
 def generate_private_key(algorithm: KeyAlgorithm | str, bits: int = 2048) -> PrivateKey:

@@ -1,18 +1,23 @@
 """Which keys sign a message: OpenDKIM's KeyTable / SigningTable, or the single-key mode.
 
 Keys are loaded once, when the store is built (at start and on reload), never per message:
-parsing and validating a PEM key costs tens of milliseconds.
+parsing and validating a PEM key costs tens of milliseconds, and the supervisor, which builds
+the store, can read keys the unprivileged workers cannot. That holds for a KeyTable path with
+``%`` (the From domain) too: every file the path matches is read then (``%`` standing for
+any file-name part), so a new domain's key file is used after a reload, as a new KeyTable
+line is.
 """
 
 from __future__ import annotations
 
+import glob
 import re
 from dataclasses import dataclass
 
-from authmilter.config import Config, DatasetSpec, load_config
+from authmilter.config import Config, DatasetSpec, load_config, user_id_account
 from authmilter.datasets import Dataset, RegexDataset, open_dataset
 from authmilter.errors import ConfigError, KeyMaterialError, Location
-from authmilter.keys import PrivateKey, load_private_key, parse_private_key
+from authmilter.keys import PrivateKey, key_owners, load_private_key, parse_private_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,8 @@ class KeyStore:
     def __init__(self, *, key_table: Dataset | None, signing_table: Dataset | None,
                  entries: dict[str, KeyEntry], loaded: dict[str, PrivateKey],
                  domains: Dataset | None, single: KeyEntry | None, sub_domains: bool,
-                 multiple: bool, require_safe: bool) -> None:  # fmt: skip
+                 multiple: bool, percent: dict[str, dict[str, PrivateKey]] | None = None,
+                 ) -> None:  # fmt: skip
         self._key_table = key_table
         self._signing_table = signing_table
         self._entries = entries
@@ -75,20 +81,25 @@ class KeyStore:
         self._single = single
         self._sub_domains = sub_domains
         self._multiple = multiple
-        self._require_safe = require_safe
-        self._lazy: dict[str, PrivateKey] = {}
+        self._percent = percent or {}
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, cfg: Config) -> KeyStore:
-        """Open the tables and load every key they name that has no ``%`` in its path.
+        """Open the tables and load every key they name, and every file a path with ``%``
+        matches. A key must be safe for this configuration: owned by root, the running user or
+        the ``UserID`` user (see :func:`authmilter.keys.unsafe_key_file_reason`).
 
         :raises ConfigError: for unreadable tables, malformed lines, unreadable or unsafe keys,
-            each naming the file:line that named them.
+            each naming the file:line that named them; for an unknown ``UserID``.
         """
+        account = user_id_account(cfg)
+        trusted = key_owners([account.uid] if account else [])
+        safe = trusted if cfg.require_safe_keys else None
         entries: dict[str, KeyEntry] = {}
         loaded: dict[str, PrivateKey] = {}
+        percent: dict[str, dict[str, PrivateKey]] = {}
         key_table = signing_table = domains = None
         single = None
         if cfg.key_table is not None:
@@ -98,7 +109,9 @@ class KeyStore:
                 entry = parse_key_entry(name, value, where)
                 entries.setdefault(name, entry)
                 if "%" not in entry.key_source:
-                    loaded[name] = _load(entry, cfg.require_safe_keys)
+                    loaded[name] = _load(entry, safe)
+                elif _is_path(entry.key_source) and name not in percent:
+                    percent[name] = _load_matching(entry, safe)
             if cfg.signing_table is not None:
                 signing_table = _open(cfg.signing_table, ascii_only=True)
         elif cfg.key_file is not None and cfg.selector is not None:
@@ -108,10 +121,10 @@ class KeyStore:
             domains = _open(cfg.domain)
             single = KeyEntry("(KeyFile)", "%", cfg.selector, cfg.key_file,
                               cfg.location("key_file"))  # fmt: skip
-            loaded[single.name] = _load(single, cfg.require_safe_keys)
+            loaded[single.name] = _load(single, safe)
         return cls(key_table=key_table, signing_table=signing_table, entries=entries,
                    loaded=loaded, domains=domains, single=single, sub_domains=cfg.sub_domains,
-                   multiple=cfg.multiple_signatures, require_safe=cfg.require_safe_keys)
+                   multiple=cfg.multiple_signatures, percent=percent)
 
     # -- questions ----------------------------------------------------------------------------
 
@@ -218,10 +231,15 @@ class KeyStore:
         key = self._loaded.get(entry.name)
         if key is None:
             source = entry.key_source.replace("%", domain)
-            key = self._lazy.get(source)
+            if not _is_path(source):  # an inline key that names the domain: parse it here
+                key = _load_key(source, entry, None)
+            else:
+                key = self._percent.get(entry.name, {}).get(domain)
             if key is None:
-                key = _load_key(source, entry, self._require_safe)
-                self._lazy[source] = key
+                raise KeyMaterialError(
+                    f"{source}: no such key file when the configuration was last read (a "
+                    "KeyTable path with '%' is read at start and at each reload: add the "
+                    "file, then reload)")  # fmt: skip
         ident = identity.replace("%", domain) if identity else None
         return SigningKey(entry.name, d, entry.selector, key, ident)
 
@@ -238,19 +256,43 @@ def _open(spec: DatasetSpec, *, case_sensitive: bool = False, ascii_only: bool =
                         ascii_only=ascii_only)  # fmt: skip
 
 
-def _load_key(source: str, entry: KeyEntry, require_safe: bool) -> PrivateKey:
-    """Load a key from a path or an inline value; errors name the KeyTable line."""
+def _is_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../"))
+
+
+def _load_key(source: str, entry: KeyEntry, safe: frozenset[int] | None) -> PrivateKey:
+    """Load a key from a path or an inline value; errors name the KeyTable line. ``safe``:
+    the users who may own key files (RequireSafeKeys), or None not to check."""
     try:
-        if source.startswith(("/", "./", "../")):
-            return load_private_key(source, require_safe=require_safe)
+        if _is_path(source):
+            return load_private_key(source, require_safe=safe is not None, trusted=safe)
         return parse_private_key(source.encode(), source=f"KeyTable entry '{entry.name}'")
     except KeyMaterialError as e:
         raise ConfigError(str(e), entry.where) from e
 
 
-def _load(entry: KeyEntry, require_safe: bool) -> PrivateKey:
+def _load(entry: KeyEntry, safe: frozenset[int] | None) -> PrivateKey:
     """Load the key a table entry names (no ``%`` in it)."""
-    return _load_key(entry.key_source, entry, require_safe)
+    return _load_key(entry.key_source, entry, safe)
+
+
+def _load_matching(entry: KeyEntry, safe: frozenset[int] | None) -> dict[str, PrivateKey]:
+    """Every key file a path with ``%`` matches, by the (lower-case) domain in its name.
+
+    Each ``%`` stands for the same non-empty file-name part, as OpenDKIM puts the same
+    domain in each; the rest of the path is taken literally.
+    """
+    parts = entry.key_source.split("%")
+    pattern = "*".join(glob.escape(p) for p in parts)
+    regex = re.compile(re.escape(parts[0]) + "(?P<d>[^/]+)"
+                       + "(?P=d)".join(re.escape(p) for p in parts[1:]) + r"\Z")  # fmt: skip
+    found: dict[str, PrivateKey] = {}
+    for path in sorted(glob.glob(pattern)):
+        m = regex.match(path)
+        if m is None:
+            continue
+        found.setdefault(m.group("d").lower(), _load_key(path, entry, safe))
+    return found
 
 
 def load_key_entries(config_path: str) -> list[KeyEntry]:

@@ -476,7 +476,7 @@ def _load_key(
         reason = None  # load_private_key reports why the file cannot be used
     if reason is not None:
         if ns.require_safe_keys:
-            _say(err, "testkey", f"{label}: {source}: {reason}; chmod 600 it")
+            _say(err, "testkey", f"{label}: {source}: {reason}")
             return EXIT_NOPERM
         _say(err, "testkey", f"{source}: WARNING: unsafe permissions: {reason}")
     try:
