@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,9 @@ class AuthmilterProcess:
         self.dir = new_socket_dir(f"{name}-")
         self.socket_path = self.dir / "milter.sock"
         self.conf_path = self.dir / "authmilter.conf"
-        self.conf_path.write_text(f"Socket local:{self.socket_path}\nUMask 000\n{conf}")
+        # Syslog is on by default; the tests read the lines on standard error.
+        syslog = "" if re.search(r"^\s*Syslog\s", conf, flags=re.M) else "Syslog no\n"
+        self.conf_path.write_text(f"Socket local:{self.socket_path}\nUMask 000\n{syslog}{conf}")
         self.log_path = self.dir / "authmilter.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

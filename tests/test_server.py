@@ -23,7 +23,7 @@ from authmilter.pipeline import Context
 from authmilter.server import AuthMilter
 from dnsserver import make_zone
 from fakedns import ZoneResolver
-from postfix_fixture import new_socket_dir
+from postfix_fixture import new_socket_dir, process_tree
 
 MESSAGE = (b"From: alice@example.com\nTo: bob@example.org\nSubject: hi\n"
            b"Date: Mon, 23 Nov 2026 03:00:00 +0000\n\nbody\n")  # fmt: skip
@@ -139,20 +139,30 @@ def test_stale_socket_file_is_replaced() -> None:
         proc.wait(timeout=40)
 
 
-def test_user_id_drops_privileges_after_binding() -> None:
+def _uids(pid: int) -> set[str]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return set(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:])
+
+
+def test_user_id_workers_run_as_the_user_and_the_supervisor_stays_root() -> None:
     if os.getuid() != 0:
         pytest.fail("this test needs root, as `make test` runs")
     nobody = pwd.getpwnam("nobody")
     d = new_socket_dir("server-")
-    os.chown(d, nobody.pw_uid, -1)  # the socket's folder belongs to the milter's user
     sock = d / "m.sock"
-    proc = start(f"Socket local:{sock}\nUserID nobody\n", d)
+    proc = start(f"Socket local:{sock}\nUserID nobody\nWorkers 2\nSyslog no\n", d)
     try:
         wait_for(lambda: "listening on" in (d / "log").read_text(), "start", proc, d)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
-        assert set(uids) == {str(nobody.pw_uid)}
-        assert sock.stat().st_uid == nobody.pw_uid  # so it can remove its socket at exit
+        deadline = time.monotonic() + 20
+        while len(workers := [p for p in process_tree([proc.pid]) if p != proc.pid]) < 2:
+            assert time.monotonic() < deadline, "no workers"
+            time.sleep(0.05)
+        # Every uid (real, effective, saved, filesystem) of a worker is nobody's: it cannot
+        # become root again. The supervisor, which handles no mail, stays root to read keys.
+        for pid in workers:
+            assert _uids(pid) == {str(nobody.pw_uid)}
+        assert _uids(proc.pid) == {"0"}
+        assert sock.stat().st_uid == nobody.pw_uid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=40)

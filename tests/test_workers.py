@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from milter_fixture import AuthmilterProcess
-from postfix_fixture import PostfixInstance
+from postfix_fixture import (
+    DEFAULT_INBOUND_CLIENT,
+    LOOPBACK,
+    PostfixInstance,
+    _ProxySMTP,
+    proxy_v1_line,
+)
 
 
 def children(pid: int) -> list[int]:
@@ -97,6 +103,37 @@ def test_sigterm_stops_every_worker_and_removes_the_socket(stack) -> None:
     assert not milter.socket_path.exists()
 
 
+def test_a_stop_finishes_the_message_in_flight_and_takes_no_new_connection(stack) -> None:
+    """SIGTERM between RCPT and DATA: the worker holding the message answers it (the mail is
+    delivered with our header), then every process exits, well within 5 s."""
+    milter, postfix = stack
+    assert milter.proc is not None
+    port = postfix.port_number("inbound")
+    client = _ProxySMTP(proxy_v1_line(DEFAULT_INBOUND_CLIENT, server_port=port), timeout=30,
+                        source_ip=None)  # fmt: skip
+    try:
+        assert client.connect(LOOPBACK, port)[0] == 220
+        client.ehlo("client.test")
+        assert client.mail("a@sender.test")[0] == 250
+        assert client.rcpt("b@rcpt.test")[0] == 250  # the milter has the message now
+        started = time.monotonic()
+        milter.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert milter.proc.poll() is None, "the milter left with a message in flight"
+        code, _ = client.data(message(99).as_bytes())
+        assert code == 250
+    finally:
+        client.close()
+    milter.proc.wait(timeout=10)
+    stopped = time.monotonic() - started
+    assert milter.proc.returncode == 0
+    assert stopped < 5, f"the stop took {stopped:.1f} s"
+    (delivered,) = postfix.wait_delivered(1, timeout=30)
+    assert authserv_ids(delivered) == ["workers.test"]
+    assert not milter.socket_path.exists()
+    assert "killing them" not in milter.log()
+
+
 def authserv_ids(delivered: bytes) -> list[str]:
     import email
 
@@ -119,12 +156,18 @@ def test_sighup_reloads_config_without_dropping_mail_and_a_bad_reload_keeps_the_
         time.sleep(0.2)
         os.kill(milter.proc.pid, signal.SIGHUP)
         sending.result(timeout=120)
-    milter.wait_log("reloaded: the workers take the new configuration")
+    milter.wait_log("reloaded: new workers take new connections; the old ones finish theirs")
     delivered = postfix.wait_delivered(32, timeout=60)
     assert len(delivered) == 32
+    assert "451" not in milter.log() and "killed" not in milter.log()
     send_many(postfix, 1)
     assert authserv_ids(postfix.wait_delivered(33)[-1]) == ["reloaded.test"]
-    assert set(old_workers) == set(children(milter.proc.pid))  # no worker was stopped
+    # The old workers finished their connections and left; two new ones serve.
+    deadline = time.monotonic() + 30
+    while set(children(milter.proc.pid)) & set(old_workers):
+        assert time.monotonic() < deadline, "the old workers did not leave"
+        time.sleep(0.1)
+    assert len(children(milter.proc.pid)) == 2
 
     milter.conf_path.write_text(milter.conf_path.read_text() + "Canonicalisation relaxed\n")
     os.kill(milter.proc.pid, signal.SIGUSR1)

@@ -149,11 +149,15 @@ def build_context(cfg: Config, err: TextIO) -> Context:
 
 def cmd_config_test(ns: argparse.Namespace) -> int:
     """``authmilter config-test``: exit 0 only when the configuration is usable."""
-    from authmilter.server import check_socket_folder
+    from authmilter.server import check_pid_folder, check_socket_folder, privileges
 
     loaded = load_from_args(ns, sys.stderr)
+    # The keys are judged as at start: readable by this user (root, for a service), owned
+    # by root, this user or the UserID user.
     build_context(loaded.config, sys.stderr)
+    privileges(loaded.config)
     check_socket_folder(loaded.config)
+    check_pid_folder(loaded.config)
     if ns.verbose:
         for line in effective_lines(loaded.config):
             print(line)
@@ -169,7 +173,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     ctx = build_context(loaded.config, sys.stderr)
 
     def reload() -> tuple[Config, Context]:
-        # The same files, read again (as the unprivileged user, after UserID).
+        # The same files, read again by the supervisor, with the rights it started with.
         again = load_from_args(ns, sys.stderr)
         return again.config, build_context(again.config, sys.stderr)
 

@@ -8,27 +8,24 @@ loses mail: it is logged with its traceback and answered with ``On-InternalError
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import errno
 import functools
-import grp
 import importlib
 import logging
 import logging.handlers
-import multiprocessing.sharedctypes
 import os
-import pwd
-import signal
 import socket
-import threading
+import stat
+import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import Milter
 
 from authmilter import metrics
-from authmilter.config import Action, Config
+from authmilter.config import Account, Action, Config, user_id_account
 from authmilter.errors import ConfigError
 from authmilter.pipeline import (
     AddHeader,
@@ -39,6 +36,7 @@ from authmilter.pipeline import (
     Transaction,
     Verdict,
 )
+from authmilter.supervisor import ACTIVITY, Reloader, Supervisor
 
 log = logging.getLogger("authmilter")
 
@@ -85,6 +83,10 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         self.conn: Connection | None = None
         self.txn: Transaction | None = None
         self.failed = False  # a no-reply callback of this message raised
+        # A stopping worker waits for the messages in flight (see authmilter.supervisor).
+        self._in_message = False
+        self._open = True
+        ACTIVITY.change(sessions=1)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -128,6 +130,12 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
             self.txn.close()
             self.txn = None
 
+    def _in_flight(self, on: bool) -> None:
+        """A message starts (MAIL FROM) or is over (end of message, abort, close)."""
+        if on != self._in_message:
+            self._in_message = on
+            ACTIVITY.change(messages=1 if on else -1)
+
     # -- callbacks --------------------------------------------------------------------------
 
     @guarded
@@ -159,6 +167,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
         """MAIL FROM: a new transaction (the previous one, if any, is over)."""
         assert self.conn is not None
         self._drop_transaction()
+        self._in_flight(True)
         self.failed = False
         self.txn = self.conn.transaction()
         self.txn.update_macros(self._macros())
@@ -219,27 +228,35 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
     @guarded
     def eom(self) -> int:
         """End of message: decide and apply."""
-        if self.failed:
-            return self.internal_error()
-        if self.txn is None:
-            return int(Milter.ACCEPT)
-        self.txn.update_macros(self._macros())
-        verdict = self.txn.eom()
-        self.txn = None
-        metrics.message(verdict.direction.value, verdict.action.value)
-        for method, value in verdict.results:
-            metrics.result(method, value)
-        return self.apply(verdict)
+        try:
+            if self.failed:
+                return self.internal_error()
+            if self.txn is None:
+                return int(Milter.ACCEPT)
+            self.txn.update_macros(self._macros())
+            verdict = self.txn.eom()
+            self.txn = None
+            metrics.message(verdict.direction.value, verdict.action.value)
+            for method, value in verdict.results:
+                metrics.result(method, value)
+            return self.apply(verdict)
+        finally:
+            self._in_flight(False)
 
     def abort(self) -> int:
         """The MTA gave up on this message: drop only the transaction."""
         self._drop_transaction()
+        self._in_flight(False)
         return int(Milter.CONTINUE)
 
     def close(self) -> int:
         """The connection is gone."""
         self._drop_transaction()
         self.conn = None
+        self._in_flight(False)
+        if self._open:
+            self._open = False
+            ACTIVITY.change(sessions=-1)
         return int(Milter.CONTINUE)
 
     # -- applying verdicts ------------------------------------------------------------------
@@ -275,47 +292,72 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
 # -- the process -----------------------------------------------------------------------------
 
 
-def setup_logging(cfg: Config) -> None:
-    """Syslog (with SyslogFacility/SyslogName) when ``Syslog`` is on, else standard error."""
+def setup_logging(cfg: Config, err: TextIO | None = None) -> str:
+    """Syslog (SyslogFacility, default mail; SyslogName) when ``Syslog`` is on (the default),
+    else standard error. Returns where the lines go, for the start-up message.
+
+    With syslog on but no ``/dev/log`` (a container without a syslog daemon or journald),
+    the lines go to standard error and a warning says so: never silently to the network, as
+    Python's handler would by default (UDP to localhost:514).
+    """
     root = logging.getLogger("authmilter")
     root.handlers.clear()
     root.setLevel(logging.INFO)
     handler: logging.Handler
+    where = "standard error"
     if cfg.syslog:
         facility = logging.handlers.SysLogHandler.facility_names.get(cfg.syslog_facility.lower())
         if facility is None:
             raise ConfigError(f"SyslogFacility: unknown facility '{cfg.syslog_facility}'",
                               cfg.location("syslog_facility"))  # fmt: skip
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(address=address, facility=facility)
-        handler.setFormatter(logging.Formatter(f"{cfg.syslog_name}[%(process)d]: %(message)s"))
-    else:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("authmilter[%(process)d]: %(message)s"))
-    root.addHandler(handler)
-
-
-def drop_privileges(user_spec: str) -> None:
-    """Become ``user[:group]`` (UserID), with the user's supplementary groups.
-
-    :raises ConfigError: for an unknown user or group.
-    """
-    user, _, group = user_spec.partition(":")
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise ConfigError(f"UserID: unknown user '{user}'") from None
-    gid = pw.pw_gid
-    if group:
         try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ConfigError(f"UserID: unknown group '{group}'") from None
-    if os.getuid() == pw.pw_uid:
+            # The handler hides a failed connect (it retries at each line): probe first.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.connect(SYSLOG_SOCKET)
+            handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET, facility=facility)
+            handler.setFormatter(logging.Formatter(
+                f"{cfg.syslog_name}[%(process)d]: %(message)s"))  # fmt: skip
+            root.addHandler(handler)
+            return f"syslog ({SYSLOG_SOCKET}, facility {cfg.syslog_facility.lower()})"
+        except OSError as e:
+            print(f"authmilter: warning: Syslog is on but {SYSLOG_SOCKET} cannot be used "
+                  f"({e.strerror or e}); logging to standard error instead",
+                  file=err or sys.stderr)  # fmt: skip
+            where = f"standard error ({SYSLOG_SOCKET} unusable)"
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("authmilter[%(process)d]: %(message)s"))
+    root.addHandler(handler)
+    return where
+
+
+#: The local syslog socket: rsyslog's, or journald's under systemd.
+SYSLOG_SOCKET = "/dev/log"
+
+
+def drop_privileges(account: Account) -> None:
+    """Become the ``UserID`` user and group, with the user's supplementary groups (a worker,
+    right after the fork). Nothing to do when already that user."""
+    if os.geteuid() == account.uid:
         return
-    os.initgroups(user, gid)
-    os.setgid(gid)
-    os.setuid(pw.pw_uid)
+    os.initgroups(account.name, account.gid)
+    os.setgid(account.gid)
+    os.setuid(account.uid)
+
+
+def privileges(cfg: Config) -> Account | None:
+    """The user the workers become, or None to stay as started.
+
+    :raises ConfigError: for an unknown user or group, or a UserID other than the running user
+        when not started as root.
+    """
+    account = user_id_account(cfg)
+    if account is None or os.geteuid() == account.uid:
+        return None
+    if os.geteuid() != 0:
+        raise ConfigError(f"UserID {cfg.user_id}: only root can become another user; start "
+                          f"authmilter as root, or as {account.name}, or remove UserID",
+                          cfg.location("user_id"))  # fmt: skip
+    return account
 
 
 def _socket_path(spec: str) -> str | None:
@@ -363,23 +405,76 @@ def _bind_problem(spec: str) -> str:
     return ""
 
 
-def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
-    """Open the socket, drop privileges, and serve until SIGTERM/SIGINT; returns the exit code.
+def check_pid_folder(cfg: Config) -> None:
+    """The PidFile's folder must exist (config-test, and before binding, so a failed start
+    leaves no socket behind).
 
-    The workers finish the connections in flight; the pid file and a UNIX socket are removed
-    on the way out. SIGHUP/SIGUSR1 call ``reload`` (see :class:`Supervisor`).
+    :raises ConfigError: naming the PidFile line and the folder.
     """
-    setup_logging(cfg)
+    if not cfg.pid_file:
+        return
+    folder = os.path.dirname(os.path.abspath(cfg.pid_file))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"PidFile {cfg.pid_file}: the folder {folder} does not exist; create "
+                          f"it (install -d -m 0755 {folder}; the systemd unit's "
+                          "RuntimeDirectory= does, for /run/authmilter)",
+                          cfg.location("pid_file"))  # fmt: skip
+
+
+def _listening_fd(spec: str) -> int:
+    """The descriptor of the socket libmilter opened for ``spec`` (it keeps it private).
+
+    :raises OSError: when there is none (ENOENT).
+    """
+    kind, _, rest = spec.partition(":")
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+        except OSError:
+            continue
+        probe = socket.socket(fileno=fd)
+        try:
+            if not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                continue
+            address = probe.getsockname()
+            if kind == "local" and probe.family == socket.AF_UNIX and address == rest:
+                return fd
+            if kind in ("inet", "inet6") and probe.family != socket.AF_UNIX \
+                    and str(address[1]) == rest.partition("@")[0]:  # fmt: skip
+                return fd
+        except OSError:
+            continue
+        finally:
+            probe.detach()
+    raise OSError(errno.ENOENT, f"no listening socket for {spec} among this process's files")
+
+
+def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
+    """Open the socket, start the workers (as ``UserID``), and serve until SIGTERM/SIGINT;
+    returns the exit code.
+
+    The supervisor stays as started (root, when it was) to read keys at reloads; see
+    :mod:`authmilter.supervisor`. The pid file and a UNIX socket are removed at every exit,
+    also when the start fails after the socket was opened.
+    """
+    where = setup_logging(cfg)
+    if where.startswith("syslog"):
+        print(f"authmilter: logging to {where}: /var/log/mail.log where rsyslog runs, else "
+              f"journalctl -t {cfg.syslog_name}", file=sys.stderr)  # fmt: skip
     if cfg.umask is not None:
         os.umask(cfg.umask)
+    account = privileges(cfg)
+    check_socket_folder(cfg)
+    check_pid_folder(cfg)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     # The libmilter callbacks are registered by runmilter's set-up; we open the socket
-    # ourselves so privileges can be dropped after binding (and after the keys were read).
+    # ourselves, before forking the workers.
     # pymilter's C module is named "milter", like our source folder: import it by name at run
     # time (a regular module wins over a namespace folder on sys.path).
     libmilter: Any = importlib.import_module("milter")
     _register(libmilter)
-    check_socket_folder(cfg)
     libmilter.setconn(cfg.socket)
     libmilter.settimeout(600)
     try:
@@ -388,252 +483,63 @@ def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
         why = _bind_problem(cfg.socket) or str(e)
         raise ConfigError(f"Socket {cfg.socket}: cannot listen: {why}",
                           cfg.location("socket")) from None  # fmt: skip
+    socket_path = _socket_path(cfg.socket)
     pid_file = cfg.pid_file
-    if pid_file:
-        with open(pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    if cfg.user_id:
-        path = _socket_path(cfg.socket)
-        if path and os.path.exists(path):
-            user, _, group = cfg.user_id.partition(":")
-            os.chown(path, pwd.getpwnam(user).pw_uid,
-                     grp.getgrnam(group).gr_gid if group else -1)  # fmt: skip
-        drop_privileges(cfg.user_id)
-    workers = cfg.workers or os.cpu_count() or 1
-    aid = f"the MTA's name, else {ctx.authserv_id}" if ctx.authserv_id_from_mta else ctx.authserv_id
-    log.info("listening on %s (authserv-id %s, %d worker%s)", cfg.socket, aid,
-             workers, "" if workers == 1 else "s")  # fmt: skip
-    def work(_worker_ctx: Context, generation: Generation) -> None:
-        Milter.factory = lambda: AuthMilter(generation.current())
-        libmilter.main()
-
-    def start_metrics() -> None:
-        # Run by the supervisor with its signals blocked, so the server threads inherit that.
-        if cfg.metrics_listen:
-            try:
-                server = metrics.serve(cfg.metrics_listen)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"MetricsListen {cfg.metrics_listen}: {e}",
-                                  cfg.location("metrics_listen")) from None  # fmt: skip
-            host, port = server.server_address[:2]
-            log.info("metrics on http://%s/metrics (worker files in %s)",
-                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                     os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # fmt: skip
-
-    if cfg.metrics_listen:
-        metrics.enable()
+    wrote_pid = False
     try:
-        code = Supervisor(workers, work, ctx, reload, start=start_metrics).run()
+        listen_fd = _listening_fd(cfg.socket)
+        # Non-blocking, so a worker that lost the race for a connection is not left blocked
+        # in accept() (see authmilter.supervisor).
+        os.set_blocking(listen_fd, False)
+        if pid_file:
+            try:
+                with open(pid_file, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+                wrote_pid = True
+            except OSError as e:
+                raise ConfigError(f"PidFile {pid_file}: cannot write it: {e.strerror}",
+                                  cfg.location("pid_file")) from None  # fmt: skip
+        if account is not None and socket_path:
+            os.chown(socket_path, account.uid, account.gid if ":" in (cfg.user_id or "") else -1)
+        workers = cfg.workers or os.cpu_count() or 1
+        aid = (f"the MTA's name, else {ctx.authserv_id}" if ctx.authserv_id_from_mta
+               else ctx.authserv_id)  # fmt: skip
+        log.info("listening on %s (authserv-id %s, %d worker%s%s; logging to %s)", cfg.socket,
+                 aid, workers, "" if workers == 1 else "s",
+                 f" as {cfg.user_id}" if account else "", where)  # fmt: skip
+
+        def work(worker_ctx: Context) -> None:
+            Milter.factory = lambda: AuthMilter(worker_ctx)
+            libmilter.main()
+
+        def start_metrics() -> None:
+            # Run by the supervisor with its signals blocked, so the server threads inherit it.
+            if cfg.metrics_listen:
+                try:
+                    server = metrics.serve(cfg.metrics_listen)
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"MetricsListen {cfg.metrics_listen}: {e}",
+                                      cfg.location("metrics_listen")) from None  # fmt: skip
+                host, port = server.server_address[:2]
+                log.info("metrics on http://%s/metrics (worker files in %s)",
+                         f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                         os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # fmt: skip
+
+        if cfg.metrics_listen:
+            folder = metrics.enable()
+            if account is not None:  # the workers write their counts there
+                os.chown(folder, account.uid, account.gid)
+        become = (lambda: drop_privileges(account)) if account is not None else None
+        code = Supervisor(workers, work, ctx, reload, start=start_metrics, listen_fd=listen_fd,
+                          become=become).run()  # fmt: skip
+        log.info("stopped")
     finally:
         metrics.shutdown()
-        log.info("stopped")
-        for path in (pid_file, _socket_path(cfg.socket)):
+        for path in (pid_file if wrote_pid else None, socket_path):
             if path:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
     return code
-
-
-#: What a reload builds: the new configuration and context, or raises why it cannot.
-Reloader = Callable[[], tuple[Config, Context]]
-
-
-class Generation:
-    """A reload counter in memory shared by the parent and its workers, and the worker's
-    current context, which the connection factory consults."""
-
-    def __init__(self, reload: Reloader | None) -> None:
-        self._shared = multiprocessing.sharedctypes.RawValue(ctypes.c_ulonglong, 0)
-        self._reload = reload
-        self._seen = 0
-        self._ctx: Context | None = None
-        self._lock = threading.Lock()
-
-    def bump(self) -> None:
-        """Parent: a new configuration is ready."""
-        self._shared.value += 1
-
-    def adopt(self, ctx: Context) -> None:
-        """Worker, at start: this context is current."""
-        self._ctx = ctx
-        self._seen = self._shared.value
-
-    def current(self) -> Context:
-        """Worker, for each new connection: the context, reloaded first if the parent did."""
-        with self._lock:
-            assert self._ctx is not None
-            wanted = self._shared.value
-            if wanted != self._seen and self._reload is not None:
-                self._seen = wanted
-                try:
-                    _cfg, self._ctx = self._reload()
-                    log.info("worker %d: configuration reloaded", os.getpid())
-                except Exception as e:  # noqa: BLE001 - keep serving with what works
-                    log.error("worker %d: reload failed, keeping the running configuration: %s",
-                              os.getpid(), e)  # fmt: skip
-            return self._ctx
-
-#: Directives a reload cannot change (OpenDKIM's list, opendkim(8)): they need a restart.
-NOT_RELOADABLE = ("socket", "user_id", "pid_file", "umask", "workers", "metrics_listen",
-                  "syslog", "syslog_facility", "syslog_name")  # fmt: skip
-
-
-class Supervisor:
-    """The parent process: worker processes sharing the one listening socket (libmilter runs a
-    thread per connection under one GIL; processes use every core), reloads, and stopping.
-
-    The socket is opened before forking, so every worker's libmilter accepts on it and the
-    kernel spreads connections. A worker that dies is replaced; one that keeps dying (more than
-    ``MAX_RESTARTS`` in ``RESTART_WINDOW`` seconds) stops the whole service, so a broken
-    configuration does not spin. SIGTERM/SIGINT are passed to the workers, which finish the
-    connections in flight.
-
-    SIGHUP or SIGUSR1 (OpenDKIM's) reloads: the parent reads the configuration, tables and keys
-    again; if that works it bumps a generation number in shared memory, and each worker reads
-    them again itself when its next connection arrives. Connections in flight keep the
-    configuration they started with, and no worker stops, so nothing is refused (stopping
-    libmilter aborts its open sessions). A reload that fails keeps the running configuration
-    and logs why.
-    """
-
-    MAX_RESTARTS = 10
-    RESTART_WINDOW = 60.0
-    #: How long workers get to finish after SIGTERM before they are killed. libmilter
-    #: normally stops within its 5 s polling interval; rarely it deadlocks in its stop path
-    #: (seen under load), and a service must stop all the same.
-    STOP_GRACE = 15.0
-    SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-
-    def __init__(self, count: int, work: Callable[[Context, Generation], object],
-                 ctx: Context, reload: Reloader | None = None, *,
-                 start: Callable[[], None] | None = None) -> None:  # fmt: skip
-        self.start = start
-        self.count = count
-        self.work = work
-        self.ctx = ctx
-        self.reload = reload
-        self.generation = Generation(reload)
-        self.children: set[int] = set()
-        self.stopping = False
-        self.stop_deadline = float("inf")
-        self.restarts: list[float] = []
-
-    def _spawn(self) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                _die_with_parent()
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-                    signal.signal(sig, signal.SIG_DFL)
-                self.generation.adopt(self.ctx)
-                self.work(self.ctx, self.generation)
-                code = 0
-            except BaseException:  # noqa: BLE001 - report, and leave the restart to the parent
-                log.error("worker %d failed:\n%s", os.getpid(), traceback.format_exc())
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        self.children.add(pid)
-
-    def _signal_all(self, pids: set[int]) -> None:
-        for pid in list(pids):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    def _stop(self) -> None:
-        if not self.stopping:
-            self.stop_deadline = time.monotonic() + self.STOP_GRACE
-        self.stopping = True
-        self._signal_all(self.children)
-
-    def _reload(self) -> None:
-        if self.reload is None:
-            log.info("reload requested, but this process cannot reload; ignored")
-            return
-        try:
-            cfg, ctx = self.reload()
-        except Exception as e:  # noqa: BLE001 - any failure keeps the running configuration
-            log.error("reload failed, keeping the running configuration: %s", e)
-            metrics.reload(False)
-            return
-        metrics.reload(True)
-        old = self.ctx.config
-        for name in NOT_RELOADABLE:
-            if getattr(old, name) != getattr(cfg, name):
-                log.warning("reload: %s changed; it takes effect after a restart", name)
-        self.ctx = ctx
-        self.generation.bump()
-        log.info("reloaded: the workers take the new configuration on their next connection")
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid not in self.children:
-                continue
-            self.children.discard(pid)
-            metrics.process_dead(pid)
-            if self.stopping:
-                continue
-            log.error("worker %d exited (%s); starting a new one", pid, _describe_status(status))
-            now = time.monotonic()
-            self.restarts = [t for t in self.restarts if now - t < self.RESTART_WINDOW] + [now]
-            if len(self.restarts) > self.MAX_RESTARTS:
-                log.error("workers keep dying: %d restarts in %.0f s; stopping",
-                          len(self.restarts), self.RESTART_WINDOW)  # fmt: skip
-                self.code = 1
-                self._stop()
-                continue
-            self._spawn()
-
-    def run(self) -> int:
-        """Start the workers and serve signals until every worker is gone; the exit code."""
-        self.code = 0
-        # Signals are taken synchronously (sigwaitinfo), never in the middle of a fork.
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
-        if self.start is not None:
-            self.start()
-        for _ in range(self.count):
-            self._spawn()
-        while self.children:
-            info = signal.sigtimedwait(self.SIGNALS, 1.0)
-            if info is None:
-                pass
-            elif info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                self._stop()
-            elif info.si_signo in (signal.SIGHUP, signal.SIGUSR1) and not self.stopping:
-                self._reload()
-            self._reap()
-            if self.stopping and self.children and time.monotonic() > self.stop_deadline:
-                log.error("workers %s did not stop within %.0f s; killing them",
-                          sorted(self.children), self.STOP_GRACE)  # fmt: skip
-                for pid in list(self.children):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.stop_deadline = float("inf")
-        return self.code
-
-
-def _die_with_parent() -> None:
-    """Linux: a worker is killed when the supervisor dies, even by SIGKILL, so no orphan keeps
-    serving a socket nobody manages. SIGKILL, not SIGTERM: with its parent gone nobody would
-    notice a worker stuck in libmilter's stop path."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 def _register(libmilter: Any) -> None:
