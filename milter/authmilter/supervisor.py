@@ -45,6 +45,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -116,14 +117,18 @@ ACTIVITY = Activity()
 
 
 class WorkerControl:
-    """Worker side of the pipe from the supervisor: one byte, ``s`` to stop (or the pipe
-    closing), ``r`` to retire after a reload."""
+    """Worker side of the socket pair from the supervisor: one byte, ``s`` to stop (or the
+    supervisor gone), ``r`` to retire after a reload. Once the worker takes no new connection
+    it answers ``d``, so the supervisor can say the reload is done."""
 
+    #: The last reply is written by libmilter after our callback returned: let it go out.
     REPLY_FLUSH = 0.2
+    #: A connection accepted just before the detach is counted at its first milter command.
+    SETTLE = 0.3
 
-    def __init__(self, read_fd: int, listen_fd: int | None, *, stop_wait: float,
+    def __init__(self, channel: int, listen_fd: int | None, *, stop_wait: float,
                  retire_wait: float, activity: Activity = ACTIVITY) -> None:  # fmt: skip
-        self.read_fd = read_fd
+        self.channel = channel
         self.listen_fd = listen_fd
         self.stop_wait = stop_wait
         self.retire_wait = retire_wait
@@ -137,7 +142,7 @@ class WorkerControl:
 
     def _read(self) -> bytes:
         try:
-            return os.read(self.read_fd, 1)
+            return os.read(self.channel, 1)
         except OSError:
             return b""
 
@@ -176,9 +181,11 @@ class WorkerControl:
         """Stop taking connections, wait up to ``limit`` seconds for ``what`` in flight to
         end, and exit the process."""
         self.detach()
+        with contextlib.suppress(OSError):
+            os.write(self.channel, b"d")
+        time.sleep(self.SETTLE)
         idle = self.activity.wait_idle(what, limit)
         if idle and what == "messages":
-            # The last reply is written by libmilter after our callback returned: let it go.
             time.sleep(self.REPLY_FLUSH)
         if not idle:
             log.warning("worker %d: %d message(s) and %d connection(s) still open after "
@@ -193,7 +200,7 @@ class WorkerControl:
 @dataclass
 class _Worker:
     pid: int
-    control: int  # the write end of its pipe
+    control: int  # the supervisor's end of the socket pair
     generation: int
     leaving: bool = field(default=False)
 
@@ -238,7 +245,8 @@ class Supervisor:
     # -- workers ----------------------------------------------------------------------------
 
     def _spawn(self) -> None:
-        read_fd, write_fd = os.pipe()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        read_fd, write_fd = theirs.detach(), mine.detach()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -312,8 +320,24 @@ class Supervisor:
             self._spawn()
         for worker in retiring:
             self._tell(worker, b"r")
+        self._await_detached(retiring)
         log.info("reloaded: new workers take new connections; the old ones finish theirs")
         notify("READY=1")
+
+    def _await_detached(self, workers: list[_Worker], limit: float = 5.0) -> None:
+        """Wait until ``workers`` take no new connection (each answers ``d``), so that once
+        the reload is reported, every new connection gets the new configuration."""
+        deadline = time.monotonic() + limit
+        waiting = {w.control: w for w in workers}
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(list(waiting), [], [], left)
+            for fd in ready:
+                with contextlib.suppress(OSError):
+                    os.read(fd, 1)
+                del waiting[fd]
+        if waiting:
+            log.warning("workers %s did not confirm within %.0f s that they take no new "
+                        "connection", sorted(w.pid for w in waiting.values()), limit)  # fmt: skip
 
     def _reap(self) -> None:
         while True:
