@@ -288,7 +288,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("RequiredHeaders", Kind.BOOL, False, B, S,
        "Reject messages without exactly one From and one Date (RFC 5322 §3.6)."),
     _d("RequireSafeKeys", Kind.BOOL, True, D, S,
-       "Refuse private key files readable or writable by group or others."),
+       "Refuse key files that group or others can read or write, or that a user other than "
+       "root or the UserID user owns or could replace."),
     _d("ResignAll", Kind.BOOL, False, D, IG, "Experimental in OpenDKIM; not implemented."),
     _d("ResignMailTo", Kind.DATASET, None, D, IG, "Experimental in OpenDKIM; not implemented."),
     _d("ResolverConfiguration", Kind.STRING, None, D, R,
