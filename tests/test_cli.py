@@ -143,3 +143,17 @@ def test_run_with_bad_config_exits_78_without_listening(tmp_path: Path) -> None:
     assert result.returncode == EXIT_CONFIG
     assert f"{conf}:2: " in result.stderr and "missing" in result.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_missing_pid_folder_is_reported_at_its_line_and_leaves_no_socket(tmp_path: Path) -> None:
+    conf = tmp_path / "a.conf"
+    conf.write_text(f"Socket local:{tmp_path}/s.sock\nPidFile {tmp_path}/run/authmilter/a.pid\n"
+                    "Syslog no\n")  # fmt: skip
+    for command in ("config-test", "run"):
+        result = subprocess.run([*AUTHMILTER, command, "-c", str(conf)], capture_output=True,
+                                text=True, timeout=30)  # fmt: skip
+        assert result.returncode == EXIT_CONFIG, result.stderr
+        assert (f"{conf}:2: PidFile {tmp_path}/run/authmilter/a.pid: the folder "
+                f"{tmp_path}/run/authmilter does not exist") in result.stderr  # fmt: skip
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "s.sock").exists()

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from authmilter.config import Config
-from authmilter.errors import ConfigError
+from authmilter.errors import ConfigError, KeyMaterialError
 from authmilter.keytable import KeyStore, load_key_entries
 
 
@@ -174,3 +174,41 @@ def test_load_key_entries_for_testkey(tmp_path: Path, keydir: Path) -> None:
     (entry,) = load_key_entries(str(conf))
     assert (entry.name, entry.domain, entry.selector) == ("k", "example.com", "s")
     assert entry.key_source == f"{keydir}/rsa.private"
+
+
+def test_percent_key_files_are_read_when_the_store_is_built_not_per_message(
+        tmp_path: Path) -> None:  # fmt: skip
+    """A `%` path is read for every file it matches, at start (and at each reload, which
+    builds a new store), under the same safety rule as other keys; a domain whose file came
+    later gets a clear error until the reload."""
+    d = tmp_path / "pk"
+    d.mkdir()
+    (d / "example.com").mkdir()
+    rsa_pem(d / "example.com" / "sel.private")
+    (d / "Example.NET").mkdir()
+    rsa_pem(d / "Example.NET" / "sel.private")
+    (d / "other").mkdir()  # matches the pattern, but no key file in it
+    kt = f"k %:sel:{d}/%/sel.private\n"
+    ks = store(tmp_path, kt, "* k\n")
+    assert ks.keys_for("a@example.com")[0].key.source == f"{d}/example.com/sel.private"
+    assert ks.keys_for("b@example.net")[0].key.source == f"{d}/Example.NET/sel.private"
+    (d / "example.org").mkdir()
+    rsa_pem(d / "example.org" / "sel.private")
+    with pytest.raises(KeyMaterialError, match=r"example\.org/sel\.private: no such key file "
+                       r"when the configuration was last read .* then reload"):  # fmt: skip
+        ks.keys_for("c@example.org")
+    assert store(tmp_path, kt, "* k\n").keys_for("c@example.org")[0].domain == "example.org"
+    (d / "example.org" / "sel.private").chmod(0o640)
+    with pytest.raises(ConfigError, match=r"key\.table:1: .*example\.org/sel\.private: mode 0640"):
+        store(tmp_path, kt, "* k\n")
+
+
+def test_percent_twice_in_a_path_means_the_same_domain(tmp_path: Path) -> None:
+    d = tmp_path / "pk"
+    d.mkdir()
+    rsa_pem(d / "example.com-example.com.private")
+    rsa_pem(d / "example.com-example.net.private")  # two different parts: not a match
+    ks = store(tmp_path, f"k %:sel:{d}/%-%.private\n", "* k\n")
+    assert ks.keys_for("a@example.com")[0].key.source.endswith("example.com-example.com.private")
+    with pytest.raises(KeyMaterialError, match="no such key file"):
+        ks.keys_for("a@example.net")
