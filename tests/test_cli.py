@@ -154,6 +154,35 @@ def test_a_missing_pid_folder_is_reported_at_its_line_and_leaves_no_socket(tmp_p
                                 text=True, timeout=30)  # fmt: skip
         assert result.returncode == EXIT_CONFIG, result.stderr
         assert (f"{conf}:2: PidFile {tmp_path}/run/authmilter/a.pid: the folder "
-                f"{tmp_path}/run/authmilter does not exist") in result.stderr  # fmt: skip
+                f"{tmp_path}/run/authmilter does not exist, nor its parent") in result.stderr
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_missing_pid_folder_whose_parent_exists_is_created_at_start(tmp_path: Path) -> None:
+    """As /run/authmilter when started without systemd's RuntimeDirectory=: config-test says it
+    will be created, run creates it, and the pid file and socket are gone after the stop."""
+    (tmp_path / "run").mkdir()
+    folder = tmp_path / "run" / "authmilter"
+    conf = tmp_path / "a.conf"
+    conf.write_text(f"Socket local:{tmp_path}/s.sock\nPidFile {folder}/a.pid\nSyslog no\n"
+                    "UMask 077\n")  # fmt: skip
+    result = subprocess.run([*AUTHMILTER, "config-test", "-c", str(conf)], capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"the folder {folder} does not exist yet; authmilter run creates it" in result.stderr
+    assert not folder.exists()
+    proc = subprocess.Popen([*AUTHMILTER, "run", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not (folder / "a.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        assert folder.stat().st_mode & 0o777 == 0o755
+        assert int((folder / "a.pid").read_text()) == proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    assert not (folder / "a.pid").exists() and not (tmp_path / "s.sock").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import signal
 import socket
 import subprocess
@@ -203,21 +204,40 @@ def test_tcp_sockets_listen_where_configured(family: str, host: str) -> None:
         proc.wait(timeout=40)
 
 
-def test_syslog_settings_choose_handler_facility_and_name() -> None:
+def test_syslog_settings_choose_handler_facility_and_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Lines reach the syslog socket with the facility and name configured; with no socket
+    the lines go to standard error after a warning, never to the network."""
+    import io
     import logging.handlers
 
+    from authmilter import server
     from authmilter.errors import ConfigError
-    from authmilter.server import setup_logging
 
-    setup_logging(Config.from_text("Syslog yes\nSyslogFacility local3\nSyslogName mymilter\n"))
+    devlog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    devlog.bind(str(tmp_path / "log"))
+    devlog.settimeout(5)
+    monkeypatch.setattr(server, "SYSLOG_SOCKET", str(tmp_path / "log"))
+    err = io.StringIO()
+    where = server.setup_logging(Config.from_text("SyslogFacility local3\nSyslogName mymilter\n"),
+                                 err)  # fmt: skip
+    assert where == f"syslog ({tmp_path}/log, facility local3)" and err.getvalue() == ""
     (handler,) = logging.getLogger("authmilter").handlers
     assert isinstance(handler, logging.handlers.SysLogHandler)
-    assert handler.facility == logging.handlers.SysLogHandler.LOG_LOCAL3
-    assert handler.formatter is not None and handler.formatter._fmt is not None
-    assert handler.formatter._fmt.startswith("mymilter[")
+    logging.getLogger("authmilter").info("hello")
+    line = devlog.recv(4096).decode()
+    assert re.fullmatch(r"<158>mymilter\[\d+\]: hello\x00?", line), line  # local3.info
     with pytest.raises(ConfigError, match="SyslogFacility: unknown facility 'nosuch'"):
-        setup_logging(Config.from_text("Syslog yes\nSyslogFacility nosuch\n"))
-    setup_logging(Config.from_text("Syslog no\n"))
+        server.setup_logging(Config.from_text("Syslog yes\nSyslogFacility nosuch\n"))
+    devlog.close()
+
+    monkeypatch.setattr(server, "SYSLOG_SOCKET", str(tmp_path / "nothing-here"))
+    where = server.setup_logging(Config.from_text("Syslog yes\n"), err)
+    assert "Syslog is on but" in err.getvalue() and "logging to standard error" in err.getvalue()
+    assert where.startswith("standard error")
+    (handler,) = logging.getLogger("authmilter").handlers
+    assert type(handler) is logging.StreamHandler
+    server.setup_logging(Config.from_text("Syslog no\n"))
     (handler,) = logging.getLogger("authmilter").handlers
     assert type(handler) is logging.StreamHandler
 

@@ -157,7 +157,9 @@ def cmd_config_test(ns: argparse.Namespace) -> int:
     build_context(loaded.config, sys.stderr)
     privileges(loaded.config)
     check_socket_folder(loaded.config)
-    check_pid_folder(loaded.config)
+    note = check_pid_folder(loaded.config)
+    if note:
+        print(f"authmilter: note: {note}", file=sys.stderr)
     if ns.verbose:
         for line in effective_lines(loaded.config):
             print(line)

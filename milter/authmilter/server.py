@@ -176,24 +176,19 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
 
     @guarded
     def envrcpt(self, to: str, *esmtp: str) -> int:
-        """RCPT TO: where SPF rejects or defers, as policyd-spf did."""
+        """RCPT TO: where SPF rejects or defers, as policyd-spf did (the pipeline logs it)."""
         if self.txn is None:
             return int(Milter.CONTINUE)
-        reply = self.txn.rcpt(to)
-        if reply is None:
+        self.txn.update_macros({"i": self.macro("i")})  # the queue id of the log line
+        verdict = self.txn.rcpt(to)
+        if verdict.first:  # a refused message counts once, not once per recipient
+            metrics.message("verify", verdict.action.value)
+            for method, value in verdict.results:
+                metrics.result(method, value)
+        if verdict.reply is None or verdict.action is Action.ACCEPT:
             return int(Milter.CONTINUE)
-        spf = self.txn.spf
-        rejected = reply.code.startswith("5")
-        action = "reject" if rejected else "tempfail"
-        log.info("%s: spf=%s %s, action=%s at RCPT: %s %s %s",
-                 self.macro("i") or "NOQUEUE", spf.result.value if spf else "?",
-                 f"{spf.identity.value}={spf.sender}" if spf else "",
-                 action, reply.code, reply.xcode, reply.text)  # fmt: skip
-        metrics.message("verify", action)
-        if spf is not None:
-            metrics.result("spf", spf.result.value)
-        self._setreply(reply)
-        return int(Milter.REJECT if rejected else Milter.TEMPFAIL)
+        self._setreply(verdict.reply)
+        return int(Milter.REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL)
 
     def _setreply(self, reply: Reply) -> None:
         """libmilter reads the text as a format: a lone ``%`` must be doubled."""
@@ -405,20 +400,34 @@ def _bind_problem(spec: str) -> str:
     return ""
 
 
-def check_pid_folder(cfg: Config) -> None:
-    """The PidFile's folder must exist (config-test, and before binding, so a failed start
-    leaves no socket behind).
+def check_pid_folder(cfg: Config, *, create: bool = False) -> str | None:
+    """The PidFile's folder must exist, or be creatable: its parent exists (``/run`` for
+    ``/run/authmilter``). With ``create`` (at start, before binding) a missing folder is made,
+    mode 0755; without it (config-test) a note says it will be. Returns that note.
 
-    :raises ConfigError: naming the PidFile line and the folder.
+    :raises ConfigError: naming the PidFile line, when neither the folder nor its parent exist
+        or it cannot be made.
     """
     if not cfg.pid_file:
-        return
+        return None
     folder = os.path.dirname(os.path.abspath(cfg.pid_file))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"PidFile {cfg.pid_file}: the folder {folder} does not exist; create "
-                          f"it (install -d -m 0755 {folder}; the systemd unit's "
-                          "RuntimeDirectory= does, for /run/authmilter)",
-                          cfg.location("pid_file"))  # fmt: skip
+    if os.path.isdir(folder):
+        return None
+    where = cfg.location("pid_file")
+    if not os.path.isdir(os.path.dirname(folder)):
+        raise ConfigError(f"PidFile {cfg.pid_file}: the folder {folder} does not exist, nor "
+                          f"its parent; create it (install -d -m 0755 {folder})",
+                          where)  # fmt: skip
+    if not create:
+        return (f"PidFile {cfg.pid_file}: the folder {folder} does not exist yet; "
+                "authmilter run creates it (as the systemd unit's RuntimeDirectory= does)")
+    try:
+        os.mkdir(folder, 0o755)
+        os.chmod(folder, 0o755)  # whatever the UMask
+    except OSError as e:
+        raise ConfigError(f"PidFile {cfg.pid_file}: cannot create the folder {folder}: "
+                          f"{e.strerror}", where) from None  # fmt: skip
+    return None
 
 
 def _listening_fd(spec: str) -> int:
@@ -467,7 +476,7 @@ def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
         os.umask(cfg.umask)
     account = privileges(cfg)
     check_socket_folder(cfg)
-    check_pid_folder(cfg)
+    check_pid_folder(cfg, create=True)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE)
     # The libmilter callbacks are registered by runmilter's set-up; we open the socket
     # ourselves, before forking the workers.
@@ -493,7 +502,9 @@ def serve(cfg: Config, ctx: Context, reload: Reloader | None = None) -> int:
         os.set_blocking(listen_fd, False)
         if pid_file:
             try:
-                with open(pid_file, "w") as f:
+                fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                with open(fd, "w") as f:
+                    os.fchmod(fd, 0o644)  # readable by all, whatever the UMask
                     f.write(f"{os.getpid()}\n")
                 wrote_pid = True
             except OSError as e:
