@@ -103,7 +103,8 @@ class Authmilter:
         self.socket_path = self.dir / "authmilter.sock"
         self.conf_path = self.dir / "authmilter.conf"
         self.out_path = self.dir / "authmilter.out"
-        conf = {"Socket": f"local:{self.socket_path}", "UMask": "000", **settings}
+        # Syslog is on by default; the output file keeps the lines for failure reports.
+        conf = {"Socket": f"local:{self.socket_path}", "UMask": "000", "Syslog": "no", **settings}
         if signing_key is not None:
             key_table, signing_table = self.dir / "key.table", self.dir / "signing.table"
             key_table.write_text(signing_key.keytable_line() + "\n")
