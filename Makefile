@@ -7,9 +7,9 @@ CONF    ?= etc/authmilter.conf
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_RUN  = libmilter-dev gcc python3-dev python3-venv
 # Real parts the test suite drives: Postfix, NSD, and the anchors (OpenDKIM, OpenDMARC,
-# miltertest, policyd-spf).
+# miltertest, policyd-spf); systemd for `systemd-analyze verify` of the unit.
 APT_TEST = $(APT_RUN) postfix nsd opendkim opendkim-tools miltertest opendmarc \
-           postfix-policyd-spf-python
+           postfix-policyd-spf-python systemd
 
 .PHONY: run test deps-run deps-test venv venv-test lint typecheck check docs clean
 

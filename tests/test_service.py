@@ -251,3 +251,17 @@ def test_the_documented_service_signs_reloads_rotates_and_stops(service_user) ->
             print(base)
         else:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_systemd_unit_is_valid_and_notifies(tmp_path: Path) -> None:
+    """etc/authmilter.service, with its paths pointed at this checkout, passes
+    `systemd-analyze verify` (Debian's systemd), and is Type=notify with KillMode=mixed."""
+    repo = Path(__file__).resolve().parent.parent
+    unit = (repo / "etc" / "authmilter.service").read_text()
+    assert re.search(r"^Type=notify$", unit, re.M) and re.search(r"^KillMode=mixed$", unit, re.M)
+    copy = tmp_path / "authmilter.service"
+    copy.write_text(unit.replace("/opt/authmilter/.venv/bin/authmilter",
+                                 str(Path(sys.executable).parent / "authmilter")))  # fmt: skip
+    result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
