@@ -47,9 +47,9 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "milter")]
 
 import dkim  # noqa: E402
 
+from authmilter.addresses import FromStatus, author_domain  # noqa: E402
 from authmilter.config import Action, Config  # noqa: E402
 from authmilter.dkim_verify import verify_message  # noqa: E402
-from authmilter.dmarc import FromStatus, author_domain  # noqa: E402
 from authmilter.keys import (  # noqa: E402
     KeyAlgorithm,
     PrivateKey,
@@ -602,7 +602,7 @@ def run_case(world: World, case: Case, outcome: Outcome) -> None:
         txn.envfrom(case.mail_from)
         reply = None
         for rcpt in case.rcpts:
-            reply = txn.rcpt(rcpt)
+            reply = txn.rcpt(rcpt).reply
             if reply is not None:
                 check_reply(reply, "rcpt")
         if txn.spf is not None:

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import dkim
@@ -28,31 +28,12 @@ from authmilter.resolver import Resolver
 from authmilter.results import DkimOutcome, DkimProblem, DkimResult
 from dnsserver import BlackholeDns, NsdServer, Record, SeenQuery, make_zone, txt_rdata
 from fakedns import ZoneResolver, failure_marker
+from helpers import DKIM_BODY as BODY
+from helpers import NoKeys, make_message
 
 NsdFactory = Callable[[Mapping[str, str]], NsdServer]
 DOMAIN = "example.test"
 DATA = Path(__file__).parent / "data" / "dkim"
-
-BODY = b"Hello Bob,\r\n\r\nthe  quarterly   numbers are attached.\t \r\n-- \r\nAlice\r\n"
-
-
-def make_message(
-    *,
-    from_: str = "Alice <alice@example.test>",
-    subject: str = "Quarterly numbers",
-    body: bytes = BODY,
-    extra: Sequence[str] = (),
-) -> bytes:
-    """A plain message with CRLF line ends, as the milter reassembles it."""
-    lines = [
-        f"From: {from_}",
-        "To: Bob <bob@example.net>",
-        f"Subject: {subject}",
-        "Date: Mon, 04 Mar 2024 10:00:00 +0000",
-        "Message-ID: <20240304100000.1@example.test>",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 @pytest.fixture(scope="module")
@@ -890,18 +871,11 @@ def test_unexpected_library_exception_is_permerror_for_that_signature(
     assert outcome.reason == "verifier error: ZeroDivisionError: simulated library bug"
 
 
-class _NoKeys:
-    """A resolver where no key exists (NXDOMAIN for every name)."""
-
-    def txt(self, name: str) -> list[bytes]:
-        raise DNSNameNotFound(f"{name} TXT: no such domain (NXDOMAIN)")
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=st.binary(max_size=300))
 def test_random_bytes_as_signature_never_raise(value: bytes) -> None:
     message = b"DKIM-Signature:" + value + b"\r\n" + make_message()
-    outcomes = verify_message(message, _NoKeys())
+    outcomes = verify_message(message, NoKeys())
     assert outcomes
     for outcome in outcomes:
         assert outcome.result in (DkimResult.PERMERROR, DkimResult.FAIL), outcome
@@ -943,7 +917,7 @@ _TAG_VALUES = st.one_of(
 def test_random_tag_lists_never_raise(tags: list[tuple[str, str]]) -> None:
     value = "; ".join(f"{n}={v}" for n, v in tags).encode("utf-8", "surrogatepass")
     message = b"DKIM-Signature: " + value + b"\r\n" + make_message()
-    for outcome in verify_message(message, _NoKeys()):
+    for outcome in verify_message(message, NoKeys()):
         assert outcome.result in (DkimResult.PERMERROR, DkimResult.FAIL), outcome
 
 

@@ -6,8 +6,6 @@ Most scenarios run on :class:`fakedns.ZoneResolver` over a zone for the whole ``
 
 from __future__ import annotations
 
-import encodings.idna
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -16,20 +14,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from authmilter.addresses import AuthorDomain, FromStatus, author_domain, normalize_domain
 from authmilter.dmarc import (
     MAX_TREEWALK_QUERIES,
-    AuthorDomain,
     DmarcRecord,
     DmarcRecordError,
-    FromStatus,
     NotDmarcRecord,
     OrgDomainMethod,
     PublicSuffix,
-    author_domain,
     discover,
     domain_exists,
     evaluate,
-    normalize_domain,
     parse_record,
     treewalk_names,
     treewalk_org_domain,
@@ -48,6 +43,7 @@ from authmilter.results import (
 )
 from dnsserver import NsdServer, make_zone, txt_rdata
 from fakedns import ZoneResolver, failure_marker
+from helpers import assert_plausible
 
 NsdFactory = Callable[[Mapping[str, str]], NsdServer]
 PSL = PublicSuffix()
@@ -276,21 +272,7 @@ def test_addresses_keep_the_local_part_and_normalise_the_domain() -> None:
 
 
 # -- hypothesis: random text never raises, and an OK domain is really in the input -----------
-
-_HOSTNAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]*[a-z-][a-z0-9-]*\Z")
-
-
-def _assert_plausible(value: str, author: AuthorDomain) -> None:
-    assert author.domain is not None
-    domain = author.domain
-    assert len(domain) <= 253
-    assert _HOSTNAME.match(domain), domain
-    assert "@" in value
-    lowered = value.lower()
-    for label in domain.split("."):
-        unicode_label = encodings.idna.ToUnicode(label) if label.startswith("xn--") else label
-        assert label in lowered or unicode_label in lowered, (label, value)
-
+# (assert_plausible, in helpers, is shared with test_properties)
 
 _FROM_ALPHABET = st.sampled_from(
     list('aAbz09.-_@<>()"\\,;:[] \t=?') + ["ü", "é", "ｘ", "\r\n ", "\x00", "xn--", "=?utf-8?q?"]
@@ -303,7 +285,7 @@ def test_author_domain_never_raises_on_random_text(value: str) -> None:
     author = author_domain([value])
     assert isinstance(author.status, FromStatus)
     if author.status is FromStatus.OK:
-        _assert_plausible(value, author)
+        assert_plausible(value, author)
     else:
         assert author.domain is None
 
@@ -313,7 +295,7 @@ def test_author_domain_never_raises_on_random_text(value: str) -> None:
 def test_author_domain_on_address_like_soup_is_plausible_or_refused(value: str) -> None:
     author = author_domain([value])
     if author.status is FromStatus.OK:
-        _assert_plausible(value, author)
+        assert_plausible(value, author)
 
 
 _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)

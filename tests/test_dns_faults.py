@@ -288,7 +288,7 @@ def deliver(ctx: Context, raw: bytes, *, domain: str, relay: FaultyDns,
     txn = conn.transaction()
     txn.update_macros({"i": "4BqFAULT"})
     txn.envfrom(f"<bounce@spf.{domain}>")
-    reply = txn.rcpt("<user@ours.test>")
+    reply = txn.rcpt("<user@ours.test>").reply
     at_rcpt = len(relay.seen)
     if reply is not None:
         txn.close()

@@ -1,9 +1,10 @@
 """Drop-in decisions (issue 10): the user's unchanged OpenDKIM/OpenDMARC/policyd-spf files give
 the decisions the anchors make, and every directive called supported is honoured.
 
-Pipeline scenarios reuse the hostile-input world (:mod:`test_hostile_input`): ``bank.example``
-publishes ``p=reject`` and SPF for 203.0.113.5 only, and holds a DKIM key ``sel``; mail comes from
-198.51.100.25, a forwarder as far as bank.example's SPF is concerned.
+Pipeline scenarios reuse the hostile-input world of :mod:`test_hostile_input` (from
+:mod:`helpers`): ``bank.example`` publishes ``p=reject`` and SPF for 203.0.113.5 only, and holds
+a DKIM key ``sel``; mail comes from 198.51.100.25, a forwarder as far as bank.example's SPF is
+concerned.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from authmilter.config import (
     read_settings_text,
 )
 from authmilter.pipeline import AddHeader, Connection, Context, DeleteHeader, Verdict
-from test_hostile_input import (
+from helpers import (
     AID,
     ATTACKER_IP,
     BANK,
@@ -34,6 +35,7 @@ from test_hostile_input import (
     QID,
     Keys,
     World,
+    added,
     compose,
     dkim_sign,
     dmarc_of,
@@ -45,10 +47,9 @@ from test_hostile_input import (
     spf_of,
     world,
 )
-from test_pipeline import added
 
 SRC = Path(__file__).resolve().parents[1] / "milter" / "authmilter"
-__all__ = ["keys", "world"]  # the hostile-input module's fixtures, used here by name
+__all__ = ["keys", "world"]  # the hostile-input fixtures (tests/helpers.py), used by name
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -125,7 +126,7 @@ def drive_to_end(ctx_world: World, conf: str, raw: bytes, *,
     txn = conn.transaction()
     txn.update_macros({"i": QID})
     txn.envfrom(f"<{mail_from}>")
-    reply = txn.rcpt("<user@ours.test>")
+    reply = txn.rcpt("<user@ours.test>").reply
     if reply is not None:
         return f"{reply.code} {reply.xcode}", None
     fields, body = milter_view(raw)
@@ -371,7 +372,7 @@ def _from_mta(world: World, conf: str, raw: bytes) -> Verdict:
     conn.set_helo(HELO)
     txn = conn.transaction()
     txn.envfrom(f"<ceo@{BANK}>")
-    assert txn.rcpt("<user@ours.test>") is None
+    assert txn.rcpt("<user@ours.test>").reply is None
     fields, body = milter_view(raw)
     for name, value in fields:
         txn.header(name, value)

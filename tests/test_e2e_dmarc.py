@@ -7,11 +7,8 @@ paths run for real on loopback.
 from __future__ import annotations
 
 import email
-import email.policy
-import email.utils
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.message import EmailMessage
 
 import authres
 import dkim
@@ -19,11 +16,11 @@ import pytest
 
 from authmilter.keys import KeyAlgorithm, PrivateKey, generate_private_key, key_record_text
 from dnsserver import NsdServer, make_zone, txt_rdata
+from helpers import OUTSIDE, message
 from milter_fixture import AuthmilterProcess
 from postfix_fixture import PostfixInstance, SmtpPermfail
 
 AUTHSERV_ID = "mx.dmarc.test"
-OUTSIDE = "198.51.100.25"  # a client the PROXY header claims; in relay.test's SPF only
 
 
 @dataclass
@@ -102,20 +99,6 @@ def reporting(zones: Zones) -> Iterator[Stack]:
     yield stack
     stack.postfix.stop()
     stack.milter.cleanup()
-
-
-def message(from_: str, subject: str, *, extra_from: str | None = None) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = from_
-    msg["To"] = "user@ours.test"
-    msg["Subject"] = subject
-    msg["Date"] = email.utils.formatdate()
-    msg["Message-ID"] = email.utils.make_msgid(domain="sender.test")
-    msg.set_content("Please wire the money today.\n")
-    raw = msg.as_bytes(policy=email.policy.SMTP)
-    if extra_from:
-        raw = f"From: {extra_from}\r\n".encode() + raw
-    return raw
 
 
 def our_results(delivered: bytes) -> dict[str, authres.AuthenticationResult]:

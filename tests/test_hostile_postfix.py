@@ -21,9 +21,7 @@ import pytest
 from authmilter.keys import KeyAlgorithm, generate_private_key
 from authmilter.resolver import Resolver
 from dnsserver import NsdServer
-from milter_fixture import AuthmilterProcess
-from postfix_fixture import PostfixInstance, SmtpPermfail
-from test_hostile_input import (
+from helpers import (
     AID,
     ATTACKER_IP,
     BANK,
@@ -51,6 +49,8 @@ from test_hostile_input import (
     signed_by_evil,
     spf_of,
 )
+from milter_fixture import AuthmilterProcess
+from postfix_fixture import PostfixInstance, SmtpPermfail
 
 
 @dataclass

@@ -28,14 +28,15 @@ from authmilter.keys import (
     dkim_qp_decode,
     dkim_qp_encode,
     generate_private_key,
+    key_owners,
     key_record_text,
     load_private_key,
     parse_key_record,
     parse_private_key,
-    parse_tag_list,
     unsafe_key_file_reason,
 )
 from authmilter.resolver import Resolver
+from authmilter.taglist import parse_tag_list
 from dnsserver import NsdServer, make_zone
 
 GENKEY = "/usr/sbin/opendkim-genkey"
@@ -557,3 +558,51 @@ def test_key_record_is_a_frozen_value() -> None:
     with pytest.raises(AttributeError):
         record.flags = ("y",)  # type: ignore[misc]
     assert isinstance(record, KeyRecord)
+
+
+def test_a_key_of_the_user_id_user_in_its_0700_folder_is_safe_only_for_that_user(
+    tmp_path: Path, rsa_key: PrivateKey
+) -> None:
+    """Debian's /etc/dkimkeys: the folder and the key belong to the milter's user, 0700/0600.
+    Safe when that user is trusted (UserID), refused otherwise, and the refusal says to chown,
+    never to chmod a file that is already 0600."""
+    nobody = pwd.getpwnam("nobody")
+    folder = tmp_path / "dkimkeys"
+    folder.mkdir(mode=0o700)
+    path = write_key(folder / "sel.private", rsa_key.pem(), 0o600)
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    trusted = key_owners([nobody.pw_uid])
+    assert unsafe_key_file_reason(str(path), trusted) is None
+    assert load_private_key(path, trusted=trusted).bits == rsa_key.bits
+
+    with pytest.raises(KeyMaterialError) as exc:
+        load_private_key(path)  # root and the running user only
+    message = str(exc.value)
+    assert "owned by uid" in message and "(nobody)" in message and "chown" in message
+    assert "chmod" not in message
+
+    os.chown(path, 0, 0)  # a root-owned key in the user's folder: the folder is the problem
+    with pytest.raises(KeyMaterialError) as exc:
+        load_private_key(path)
+    assert f"directory {folder} is writable by its owner uid {nobody.pw_uid} (nobody)" in str(
+        exc.value)  # fmt: skip
+    assert "chmod" not in str(exc.value)
+    assert load_private_key(path, trusted=trusted).bits == rsa_key.bits
+
+
+def test_a_refused_open_names_the_user_that_read_it() -> None:
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:  # a child that is not root reads a file only root may read
+        code = 1
+        try:
+            os.setuid(nobody.pw_uid)
+            load_private_key("/etc/shadow")
+        except KeyMaterialError as e:
+            code = 0 if ("Permission denied" in str(e) and "(nobody)" in str(e)
+                         and "start it as root" in str(e)) else 2  # fmt: skip
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

@@ -25,9 +25,16 @@ from authmilter.errors import ConfigError
 from authmilter.pipeline import Direction
 from authmilter.results import DkimResult, DmarcResult, SpfResult
 from dnsserver import NsdServer, make_zone
+from helpers import OUTSIDE, message
 from milter_fixture import AuthmilterProcess
-from postfix_fixture import PostfixInstance, SmtpPermfail, free_port
-from test_e2e_dmarc import OUTSIDE, message
+from postfix_fixture import (
+    LOOPBACK,
+    PostfixInstance,
+    SmtpPermfail,
+    _ProxySMTP,
+    free_port,
+    proxy_v1_line,
+)
 
 AID = "mx.metrics.test"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -226,6 +233,38 @@ def test_totals_match_the_mail_sent_across_both_workers(stack) -> None:  # type:
     # Each worker writes its own file; the endpoint adds them up.
     workers = {int(p) for p in re.findall(r"authmilter\[(\d+)\]: \w+: ", milter.log())}
     assert workers and len(list(metrics_dir(milter).glob("counter_*.db"))) >= len(workers)
+
+
+def test_a_message_refused_for_two_recipients_counts_once(stack) -> None:  # type: ignore[no-untyped-def]
+    """SPF rejects each RCPT TO of a spoofed message and logs each, but it is one message: one
+    reject and one SPF result in the totals (not one per recipient)."""
+    milter, postfix, url = stack
+    before, log_before = scrape(url), milter.log()
+    line = "spf=fail mailfrom=ceo@spoofed.test, action=reject at RCPT: 550 5.7.23"
+    port = postfix.port_number("inbound")
+    smtp = _ProxySMTP(proxy_v1_line(OUTSIDE, server_port=port), timeout=30, source_ip=None)
+    try:
+        assert smtp.connect(LOOPBACK, port)[0] == 220
+        assert smtp.ehlo("client.example")[0] == 250
+        assert smtp.docmd("MAIL", "FROM:<ceo@spoofed.test>")[0] == 250
+        codes = [smtp.docmd("RCPT", f"TO:<{rcpt}>")[0]
+                 for rcpt in ("user@ours.test", "other@ours.test")]  # fmt: skip
+        smtp.docmd("QUIT")
+    finally:
+        smtp.close()
+    assert codes == [550, 550]
+    deadline = time.monotonic() + 10
+    while milter.log().count(line) < log_before.count(line) + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert milter.log().count(line) == log_before.count(line) + 2
+    after = scrape(url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("authmilter_callback_seconds_count", callback="envrcpt") == 2
+    assert delta("authmilter_messages_total", direction="verify", action="reject") == 1
+    assert delta("authmilter_results_total", method="spf", result="fail") == 1
 
 
 def test_counts_of_a_killed_worker_are_kept_and_reloads_are_counted(stack) -> None:  # type: ignore[no-untyped-def]

@@ -15,10 +15,11 @@ import pytest
 
 from authmilter.config import Action, Config
 from authmilter.keys import KeyAlgorithm, PrivateKey, generate_private_key, key_record_text
-from authmilter.pipeline import AddHeader, Connection, Context, DeleteHeader, Verdict
+from authmilter.pipeline import Connection, Context, DeleteHeader, Verdict
 from authmilter.results import DkimResult
 from dnsserver import make_zone, txt_rdata
 from fakedns import ZoneResolver, failure_marker
+from helpers import added, apply
 
 AID = "mx.pipeline.test"
 NOW = float(int(time.time()))  # the verifier's clock; dkimpy puts the real clock in t=
@@ -108,30 +109,6 @@ def feed(ctx: Context, message: bytes, *, ip: str = "198.51.100.25",
     for i in range(0, len(body), 7):
         txn.body(body[i : i + 7])
     return txn.eom()
-
-
-def added(verdict: Verdict, name: str) -> list[str]:
-    return [e.value for e in verdict.edits if isinstance(e, AddHeader) and e.name == name]
-
-
-def apply(message: bytes, verdict: Verdict) -> bytes:
-    """Apply a verdict's header edits the way Postfix does, for verification in tests."""
-    head, _, body = message.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    fields: list[bytes] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            fields[-1] += b"\r\n" + line
-        else:
-            fields.append(line)
-    for edit in verdict.edits:
-        if isinstance(edit, DeleteHeader):
-            idx = [i for i, f in enumerate(fields)
-                   if f.split(b":", 1)[0].lower() == edit.name.lower().encode()]  # fmt: skip
-            del fields[idx[edit.occurrence - 1]]
-        else:
-            fields.insert(edit.index, f"{edit.name}: {edit.value}".replace("\n", "\r\n").encode())
-    return b"\r\n".join(fields) + b"\r\n\r\n" + body
 
 
 def remote_signed(keys: dict[str, PrivateKey], message: bytes = MESSAGE,
@@ -398,7 +375,6 @@ def test_oversized_header_block_is_rejected(keydir: Path, keys) -> None:
 def test_dkim_result_enum_values_are_rfc_tokens() -> None:
     assert [r.value for r in DkimResult] == [
         "none", "pass", "fail", "policy", "neutral", "temperror", "permerror"]
-
 
 
 QUIRKY = (b"From: Alice <alice@example.com>\r\n"

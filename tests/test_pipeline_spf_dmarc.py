@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import authres
@@ -9,7 +10,15 @@ import pytest
 
 from authmilter.config import Action, Config
 from authmilter.errors import ConfigError
-from authmilter.pipeline import AddHeader, Connection, Context, DeleteHeader, Reply, Verdict
+from authmilter.pipeline import (
+    AddHeader,
+    Connection,
+    Context,
+    DeleteHeader,
+    RcptVerdict,
+    Reply,
+    Verdict,
+)
 from dnsserver import make_zone
 from fakedns import ZoneResolver, failure_marker
 
@@ -68,7 +77,7 @@ def run(ctx: Context, *, mail_from: str, fields: list[tuple[str, bytes]] | None 
     txn = conn.transaction()
     txn.update_macros({"i": "Q1", **(macros or {})})
     txn.envfrom(f"<{mail_from}>")
-    reply = txn.rcpt("<user@ours.test>")
+    reply = txn.rcpt("<user@ours.test>").reply
     if reply is not None:
         txn.close()
         return reply, None
@@ -98,6 +107,47 @@ def test_spf_fail_is_rejected_at_rcpt_with_rfc7372_code(tmp_path: Path) -> None:
     reply, _ = run(context(tmp_path, "Mail_From_reject Fail\n"), mail_from="alice@strict.test")
     assert reply is not None and (reply.code, reply.xcode) == ("550", "5.7.23")
     assert "strict.test" in reply.text
+
+
+@pytest.mark.parametrize(("conf", "mail_from", "action", "code", "spf"), [
+    ("Mail_From_reject Fail\n", "alice@strict.test", Action.REJECT, "550 5.7.23", "fail"),
+    ("TempError_Defer yes\nMail_From_reject Fail\n", "a@flaky.test", Action.TEMPFAIL,
+     "450 4.7.24", "temperror"),
+])  # fmt: skip
+def test_each_refused_recipient_is_answered_and_logged_but_the_message_counts_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, conf: str, mail_from: str,
+        action: Action, code: str, spf: str) -> None:  # fmt: skip
+    """Two RCPT TO of one refused message: both get the reply and the log line policyd-spf
+    users grep; only the first is ``first`` (the metrics count the message, with its SPF
+    result, once)."""
+    conn = Connection(context(tmp_path, conf), hostname=None, ip=OUTSIDE)
+    conn.set_helo("client.relay.test")
+    txn = conn.transaction()
+    txn.update_macros({"i": "4QRCPT"})
+    txn.envfrom(f"<{mail_from}>")
+    with caplog.at_level(logging.INFO, logger="authmilter"):
+        one = txn.rcpt("<user@ours.test>")
+        two = txn.rcpt("<other@ours.test>")
+    assert one.action is two.action is action
+    assert one.reply is not None and one.reply == two.reply
+    assert f"{one.reply.code} {one.reply.xcode}" == code
+    assert (one.first, one.results) == (True, (("spf", spf),))
+    assert (two.first, two.results) == (False, ())
+    line = (f"4QRCPT: spf={spf} mailfrom={mail_from}, action={action.value} at RCPT: "
+            f"{code} {one.reply.text}")
+    assert one.log == two.log == line
+    logged = [r.getMessage() for r in caplog.records if r.name == "authmilter"]
+    assert logged == [line, line]
+
+
+def test_an_accepted_recipient_is_not_logged_or_counted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    conn = Connection(context(tmp_path, "Mail_From_reject Fail\n"), hostname=None, ip=OUTSIDE)
+    txn = conn.transaction()
+    txn.envfrom("<bob@relay.test>")
+    with caplog.at_level(logging.INFO, logger="authmilter"):
+        assert txn.rcpt("<user@ours.test>") == RcptVerdict(action=Action.ACCEPT)
+    assert [r for r in caplog.records if r.name == "authmilter"] == []
 
 
 def test_spf_fail_alone_never_rejects_by_default(tmp_path: Path) -> None:

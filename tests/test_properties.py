@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authmilter import authresults
+from authmilter.addresses import FromStatus, author_domain, normalize_domain
 from authmilter.config import (
     DIRECTIVES,
     Component,
@@ -44,16 +45,9 @@ from authmilter.datasets import (
     parse_spec,
 )
 from authmilter.dkim_verify import verify_message
-from authmilter.dmarc import (
-    DmarcRecordError,
-    FromStatus,
-    NotDmarcRecord,
-    author_domain,
-    normalize_domain,
-    parse_record,
-)
+from authmilter.dmarc import DmarcRecordError, NotDmarcRecord, parse_record
 from authmilter.errors import ConfigError, KeyMaterialError, Location
-from authmilter.keys import KeyRecordError, load_private_key, parse_key_record, parse_tag_list
+from authmilter.keys import KeyRecordError, load_private_key, parse_key_record
 from authmilter.keytable import parse_key_entry
 from authmilter.pipeline import Connection, Context, _unfold
 from authmilter.resolver import parse_nameserver, parse_nameservers
@@ -68,10 +62,10 @@ from authmilter.results import (
     SpfResult,
 )
 from authmilter.spf_check import SpfWhitelist, received_spf
+from authmilter.taglist import parse_tag_list
 from dnsserver import make_zone
 from fakedns import ZoneResolver
-from test_dkim_verify import _NoKeys, make_message
-from test_dmarc import _assert_plausible
+from helpers import NoKeys, assert_plausible, make_message
 
 SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
@@ -504,7 +498,7 @@ def test_from_fields_give_a_plausible_author_or_a_reason(
     texts = [_unfold(v) for v in values]  # as the pipeline reads them
     author = author_domain(texts)
     if author.status is FromStatus.OK:
-        _assert_plausible(texts[0], author)
+        assert_plausible(texts[0], author)
         assert len(values) == 1
     else:
         assert author.domain is None and author.detail
@@ -706,7 +700,7 @@ def test_header_shaped_signatures_give_one_line_reasons(
     value = ";".join(f"{w1}{name}{w2}={w1}{v}{w2}" for name, v, w1, w2 in tags) + trailing
     raw = value.encode("utf-8", "surrogateescape").replace(b"\r\n", b"\r\n ") + eight_bit
     message = b"DKIM-Signature: " + raw + b"\r\n" + make_message()
-    for outcome in verify_message(message, _NoKeys()):
+    for outcome in verify_message(message, NoKeys()):
         assert outcome.result in (DkimResult.PERMERROR, DkimResult.FAIL), outcome
         # The reason goes into the A-R comment, the log line and maybe an SMTP reply.
         assert outcome.reason, outcome

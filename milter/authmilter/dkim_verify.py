@@ -78,11 +78,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
+from authmilter.addresses import FromStatus, author_domain
 from authmilter.body_hash import BodyHashes
-from authmilter.dmarc import FromStatus, author_domain
 from authmilter.errors import DNSNameNotFound, DNSPermError, DNSTempError
 from authmilter.keys import MIN_RSA_BITS, KeyAlgorithm, KeyRecord, KeyRecordError, parse_key_record
 from authmilter.results import DkimOutcome, DkimProblem, DkimResult
+from authmilter.taglist import TagListError, TagListProblem, parse_tag_list
 
 __all__ = ["DEFAULT_MAX_SIGNATURES", "SIGNATURE_ALGORITHMS", "TxtLookup", "verify_message"]
 
@@ -96,7 +97,6 @@ SIGNATURE_ALGORITHMS: Final[dict[str, tuple[KeyAlgorithm, str]]] = {
 }
 _REQUIRED_TAGS: Final = ("v", "a", "b", "bh", "d", "h", "s")  # RFC 6376 §3.5, §6.1.1
 _FWS: Final = " \t\r\n"
-_TAG_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # RFC 6376 §3.2 tag-name
 _LABEL: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 # Domain names and selectors: LDH labels, leniently allowing "_" (seen in the wild).
 _DNS_NAME: Final = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
@@ -350,26 +350,22 @@ def _verify_one(context: _Context, idx: int, raw_value: bytes) -> DkimOutcome:
 
 
 def _parse_tag_list(text: str) -> dict[str, str]:
-    """Split a tag-list (RFC 6376 §3.2) strictly: one trailing ``;`` at most, no duplicates."""
-    specs = text.split(";")
-    if not specs[-1].strip(_FWS):
-        specs.pop()  # tag-list = tag-spec *( ";" tag-spec ) [ ";" ]
-    tags: dict[str, str] = {}
-    for spec in specs:
-        if not spec.strip(_FWS):
-            raise _permerror("empty tag-spec (RFC 6376 §3.2)")
-        name, eq, value = spec.partition("=")
-        name = name.strip(_FWS)
-        if not eq:
-            raise _permerror(f"tag-spec {_excerpt(spec.strip(_FWS))} has no '=' (RFC 6376 §3.2)")
-        if not _TAG_NAME.fullmatch(name):
-            raise _permerror(f"invalid tag name {_excerpt(name)} (RFC 6376 §3.2)")
-        if name in tags:
-            # RFC 6376 §3.2: "Tags with duplicate names MUST NOT occur within a single
-            # tag-list; if a tag name does occur more than once, the entire tag-list is invalid."
-            raise _permerror(f"duplicate tag '{name}' (RFC 6376 §3.2)")
-        tags[name] = value.strip(_FWS)
-    return tags
+    """Split a tag-list (RFC 6376 §3.2) strictly: one trailing ``;`` at most, no duplicates.
+
+    :raises _Verdict: permerror naming the problem (hostile text quoted short and ASCII).
+    """
+    try:
+        return dict(parse_tag_list(text, strict_empty=True))
+    except TagListError as exc:
+        if exc.problem is TagListProblem.EMPTY:
+            reason = "empty tag-spec"
+        elif exc.problem is TagListProblem.NO_EQUALS:
+            reason = f"tag-spec {_excerpt(exc.spec)} has no '='"
+        elif exc.problem is TagListProblem.BAD_NAME:
+            reason = f"invalid tag name {_excerpt(exc.name)}"
+        else:
+            reason = f"duplicate tag '{exc.name}'"
+        raise _permerror(f"{reason} (RFC 6376 §3.2)") from None
 
 
 def _decode_base64(tag: str, value: str) -> str:

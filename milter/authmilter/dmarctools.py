@@ -46,13 +46,13 @@ import argparse
 import sys
 from typing import TextIO
 
+from authmilter.addresses import normalize_domain
 from authmilter.dmarc import (
     Discovery,
     DmarcRecord,
     OrgDomainMethod,
     PublicSuffix,
     discover,
-    normalize_domain,
 )
 from authmilter.errors import ConfigError, Location
 from authmilter.resolver import Resolver

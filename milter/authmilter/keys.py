@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from authmilter.errors import DNSError, DNSNameNotFound, KeyMaterialError
+from authmilter.taglist import parse_tag_list
 
 if TYPE_CHECKING:
     from authmilter.resolver import Resolver
@@ -56,7 +57,6 @@ __all__ = [
     "load_private_key",
     "parse_key_record",
     "parse_private_key",
-    "parse_tag_list",
     "test_key",
     "unsafe_key_file_reason",
 ]
@@ -76,7 +76,6 @@ PrivateKeyObject = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 PublicKeyObject = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
 _FWS = " \t\r\n"
-_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _LIST_ITEM = re.compile(r"[A-Za-z0-9*][A-Za-z0-9_.*+-]*\Z")
 
 
@@ -444,34 +443,6 @@ class KeyRecordError(KeyMaterialError):
     """A DKIM key TXT record that cannot be used; the message says which tag and why."""
 
 
-def parse_tag_list(text: str) -> list[tuple[str, str]]:
-    """Split an RFC 6376 §3.2 tag-list into ``(name, value)`` pairs, in order.
-
-    Whitespace and folding (FWS) around names, ``=`` and ``;`` are dropped; whitespace inside
-    a value is kept. A trailing ``;`` is fine, and so (leniently) is an empty tag-spec between
-    two ``;``. Tag names are case-sensitive (RFC 6376 §3.2).
-
-    :raises ValueError: a tag-spec has no ``=``, a tag name is invalid, or a tag repeats.
-    """
-    pairs: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for spec in text.split(";"):
-        if not spec.strip(_FWS):
-            continue
-        name, eq, value = spec.partition("=")
-        name = name.strip(_FWS)
-        if not eq:
-            raise ValueError(f"tag-spec {spec.strip(_FWS)!r} has no '='")
-        if not _TAG_NAME.match(name):
-            raise ValueError(f"invalid tag name {name!r}")
-        if name in seen:
-            # RFC 6376 §3.2: tags with duplicate names MUST NOT occur.
-            raise ValueError(f"duplicate tag {name}=")
-        seen.add(name)
-        pairs.append((name, value.strip(_FWS)))
-    return pairs
-
-
 def _split_list(tag: str, value: str) -> tuple[str, ...]:
     """Split a colon-separated tag value (h=, s=, t=), whitespace allowed around colons."""
     items = tuple(item.strip(_FWS) for item in value.split(":"))
@@ -771,6 +742,12 @@ class KeyTestResult:
     message: str
     record: KeyRecord | None = None
     warnings: tuple[str, ...] = ()
+    #: Whether the answer that carried the key record was DNSSEC-validated: the AD flag of the
+    #: response (see :class:`authmilter.resolver.DnssecTxt`). ``None`` when no record came
+    #: back (NXDOMAIN, no TXT record, DNS error), as opendkim-testkey then says nothing either.
+    dnssec: bool | None = None
+    #: The nameserver that gave the answer (``address:port``), when one did.
+    nameserver: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -783,6 +760,9 @@ def test_key(
 ) -> KeyTestResult:
     """Fetch ``selector._domainkey.domain`` and check it, against ``private_key`` if given.
 
+    The record is asked for with DNSSEC (:meth:`Resolver.txt_dnssec`): when it comes back, the
+    result's ``dnssec`` says whether the answer carried the AD flag, whatever the status.
+
     Multiple TXT records at the name are reported as ``malformed``: RFC 6376 §3.6.2.2 lets a
     verifier pick any one of them (dkimpy takes the first, libopendkim refuses the answer with
     "multiple DNS replies"), so only one can be published reliably.
@@ -794,6 +774,8 @@ def test_key(
     ``testing``, which :attr:`KeyTestResult.ok` still counts as usable.
     """
     name = key_record_name(selector, domain)
+    dnssec: bool | None = None
+    nameserver: str | None = None
 
     def result(
         status: KeyTestStatus,
@@ -809,14 +791,19 @@ def test_key(
             message=message,
             record=record,
             warnings=warnings,
+            dnssec=dnssec,
+            nameserver=nameserver,
         )
 
     try:
-        records = resolver.txt(name)
+        answer = resolver.txt_dnssec(name)
     except DNSNameNotFound:
         return result(KeyTestStatus.NO_RECORD, f"no key record: {name} does not exist (NXDOMAIN)")
     except DNSError as exc:
         return result(KeyTestStatus.DNS_ERROR, f"DNS lookup failed: {exc}")
+    records = list(answer.records)
+    if records:
+        dnssec, nameserver = answer.authenticated, answer.nameserver
     if not records:
         return result(KeyTestStatus.NO_RECORD, f"no key record: {name} has no TXT record")
     if len(records) > 1:

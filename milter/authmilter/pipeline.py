@@ -7,6 +7,7 @@ No pymilter here: the adapter (:mod:`authmilter.server`) feeds events in and app
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import re
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from authmilter import authresults, dmarc
+from authmilter import addresses, authresults, dmarc
 from authmilter.body_hash import BodyHashes
 from authmilter.config import Action, Config, DatasetSpec, SignatureAlgorithm
 from authmilter.datasets import Dataset, HostList, open_dataset
@@ -52,6 +53,8 @@ from authmilter.spf_check import (
 #: Macros every transaction wants from the MTA (names without braces).
 BASE_MACROS = ("i", "j", "daemon_name", "auth_type", "auth_authen")
 
+log = logging.getLogger("authmilter")
+
 
 # -- actions the adapter applies ------------------------------------------------------------
 
@@ -80,6 +83,23 @@ class Reply:
     code: str
     xcode: str
     text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RcptVerdict:
+    """The answer to one RCPT TO: ``action`` ``ACCEPT`` (go on with the message, the milter's
+    continue), or ``REJECT``/``TEMPFAIL`` with its ``reply`` when SPF refuses the sender.
+
+    Every recipient of a refused message gets the same answer and its own log line, but the
+    message is counted once: ``first`` is set on its first refused recipient only, which also
+    carries the ``(method, result)`` pairs for the metrics (always the verify direction).
+    """
+
+    action: Action = Action.ACCEPT
+    reply: Reply | None = None
+    log: str = ""
+    first: bool = False
+    results: tuple[tuple[str, str], ...] = ()
 
 
 class Direction(StrEnum):
@@ -322,6 +342,7 @@ class Transaction:
         self.spf_checked = False
         self.spf: SpfOutcome | None = None
         self.spf_reply: Reply | None = None
+        self.refused_rcpts = 0  # recipients answered with spf_reply (the message counts once)
         # SPFRejectAfterDMARC: the SPF reply, held until DMARC is known at the end of message.
         self.spf_held: Reply | None = None
         self.spf_note: str | None = None  # why SPF was not checked, or the whitelist entry
@@ -352,9 +373,10 @@ class Transaction:
         """MAIL FROM."""
         self.mail_from = address.strip("<>")
 
-    def rcpt(self, address: str) -> Reply | None:
+    def rcpt(self, address: str) -> RcptVerdict:
         """RCPT TO: SPF is checked at the first one (as policyd-spf, at RCPT time); a reject or
-        defer answers every recipient alike."""
+        defer answers every recipient alike, each logged here (the queue id is the ``i``
+        macro, so update the macros first)."""
         self.recipients.append(address.strip("<>"))
         if not self.spf_checked:
             self.spf_checked = True
@@ -364,7 +386,20 @@ class Transaction:
             if self.spf_reply is not None and self.ctx.config.spf_reject_after_dmarc:
                 # Held: DMARC, at the end of the message, may still pass through DKIM.
                 self.spf_held, self.spf_reply = self.spf_reply, None
-        return self.spf_reply
+        reply = self.spf_reply
+        if reply is None:
+            return RcptVerdict()
+        spf = self.spf
+        action = Action.REJECT if reply.code.startswith("5") else Action.TEMPFAIL
+        qid = self.macros.get("i") or "NOQUEUE"
+        identity = f"{spf.identity.value}={spf.sender}" if spf else ""
+        line = (f"{qid}: spf={spf.result.value if spf else '?'} {identity}, "
+                f"action={action.value} at RCPT: {reply.code} {reply.xcode} {reply.text}")
+        log.info("%s", line)
+        first = self.refused_rcpts == 0
+        self.refused_rcpts += 1
+        results = (("spf", spf.result.value),) if first and spf is not None else ()
+        return RcptVerdict(action=action, reply=reply, log=line, first=first, results=results)
 
     def _check_spf(self) -> None:
         """RFC 7208 for the HELO and MAIL FROM identities, with policyd-spf's options."""
@@ -517,7 +552,7 @@ class Transaction:
                 text = _unfold(value)
                 # The strict parser (never raises): a From it refuses, e.g. a comment inside
                 # the domain as in "a@evil.test (x).example.com", chooses no signing key.
-                found = dmarc.author_domain([text])
+                found = addresses.author_domain([text])
                 return found.addresses[0] if found.addresses else None
         return None
 
@@ -574,16 +609,16 @@ class Transaction:
                    f"section 3.6); it has {len(from_values)} From and {dates} Date")  # fmt: skip
             return Verdict(action=Action.REJECT, reply=Reply("550", "5.6.0", why),
                            log=f"{qid}: {why}, action=reject")  # fmt: skip
-        author_domain = dmarc.author_domain(from_values)
-        if cfg.required_headers and author_domain.status in (dmarc.FromStatus.ABSENT,
-                                                             dmarc.FromStatus.UNPARSEABLE):
+        author_domain = addresses.author_domain(from_values)
+        if cfg.required_headers and author_domain.status in (
+                addresses.FromStatus.ABSENT, addresses.FromStatus.UNPARSEABLE):  # fmt: skip
             # RFC 5322 §3.6.2: the From field holds the author's mailbox; without a domain
             # neither DMARC (RFC 7489 §6.6.1) nor a reader can tell who sent the message.
             why = (f"the From field names no author domain ({author_domain.detail}); "
                    "RFC 5322 section 3.6.2 requires an author mailbox")  # fmt: skip
             return Verdict(action=Action.REJECT, reply=Reply("550", "5.6.0", why),
                            log=f"{qid}: {why}, action=reject")  # fmt: skip
-        if (author_domain.status is dmarc.FromStatus.MULTIPLE_DOMAINS
+        if (author_domain.status is addresses.FromStatus.MULTIPLE_DOMAINS
                 and cfg.reject_multi_value_from):  # fmt: skip
             why = "the From field lists addresses of several domains"
             return Verdict(action=Action.REJECT, reply=Reply("550", "5.7.1", why),
@@ -678,7 +713,7 @@ class Transaction:
         return (f" (external host {self.conn.hostname or self.conn.ip} tried to send as "
                 f"{author.rpartition('@')[2]})")  # fmt: skip
 
-    def _dmarc(self, originating: bool, author: dmarc.AuthorDomain,
+    def _dmarc(self, originating: bool, author: addresses.AuthorDomain,
                outcomes: list[DkimOutcome]) -> DmarcOutcome | None:  # fmt: skip
         """Evaluate DMARC unless OpenDMARC's ignore rules (or our own mail) exempt it."""
         ctx, cfg = self.ctx, self.ctx.config
