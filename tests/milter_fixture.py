@@ -27,7 +27,9 @@ class AuthmilterProcess:
         self.conf_path = self.dir / "authmilter.conf"
         # Syslog is on by default; the tests read the lines on standard error.
         syslog = "" if re.search(r"^\s*Syslog\s", conf, flags=re.M) else "Syslog no\n"
-        self.conf_path.write_text(f"Socket local:{self.socket_path}\nUMask 000\n{syslog}{conf}")
+        self.conf_path.write_text(f"Socket local:{self.socket_path}\nUMask 000\n{conf}"
+                                  f"{'' if conf.endswith(chr(10)) or not conf else chr(10)}"
+                                  f"{syslog}")  # fmt: skip
         self.log_path = self.dir / "authmilter.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

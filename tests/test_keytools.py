@@ -6,13 +6,16 @@ import argparse
 import contextlib
 import io
 import os
+import pwd
 import re
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import dns.flags
+import dns.message
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -39,12 +42,15 @@ from authmilter.keytools import (
     add_genkey_parser,
     add_testkey_parser,
 )
-from dnsserver import BlackholeDns, NsdServer, SeenQuery, make_zone, txt_rdata
+from dnsserver import BlackholeDns, FaultyDns, NsdServer, SeenQuery, make_zone, txt_rdata
 
 NsdFactory = Callable[[Mapping[str, str]], NsdServer]
 DOMAIN = "example.test"
 #: The default configuration file the tests' parser reads: none, unless a test names one.
 NO_DEFAULT_CONFIG = "/nonexistent/authmilter-tests/authmilter.conf"
+#: testkey's DNSSEC note when the answer came without the AD flag (NSD, an authoritative
+#: server, never sets it), as opendkim-testkey's "key not secure".
+NOT_SECURE = "authmilter testkey: key not secure\n"
 
 
 def make_parser(default_config: str = NO_DEFAULT_CONFIG) -> argparse.ArgumentParser:
@@ -296,11 +302,12 @@ def published(tmp_path_factory: pytest.TempPathFactory, nsd_server_module: NsdFa
 
 
 def test_testkey_reports_key_ok_for_a_matching_key(published: Published) -> None:
-    assert published.testkey("good", "-k", published.key("good")) == (EXIT_OK, "key OK\n", "")
+    assert published.testkey("good", "-k", published.key("good")) == (
+        EXIT_OK, "key OK\n", NOT_SECURE)  # fmt: skip
 
 
 def test_testkey_without_a_private_key_checks_the_record_only(published: Published) -> None:
-    assert published.testkey("good") == (EXIT_OK, "key OK\n", "")
+    assert published.testkey("good") == (EXIT_OK, "key OK\n", NOT_SECURE)
 
 
 @pytest.mark.parametrize("selector", ["ed", "absolute", "restricted"])
@@ -318,7 +325,8 @@ def test_testkey_testing_mode_is_ok_with_a_warning(published: Published) -> None
 
 
 def _one_line(err: str, selector: str) -> str:
-    lines = err.splitlines()
+    """The one problem line of stderr (after the DNSSEC note, when a record came back)."""
+    lines = err.removeprefix(NOT_SECURE).splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"authmilter testkey: domain {DOMAIN}, selector {selector}: ")
     return lines[0]
@@ -327,6 +335,7 @@ def _one_line(err: str, selector: str) -> str:
 def test_testkey_mismatch_with_another_key(published: Published) -> None:
     code, out, err = published.testkey("good", "-k", published.key("unpublished"))
     assert (code, out) == (EXIT_DATAERR, "")
+    assert err.startswith(NOT_SECURE)  # a record came back: the note, then the problem
     line = _one_line(err, "good")
     assert "mismatch" in line and "does not match the private key" in line
     assert published.key("unpublished") in line
@@ -341,6 +350,7 @@ def test_testkey_mismatch_of_key_type(published: Published) -> None:
 def test_testkey_no_record_when_the_name_does_not_exist(published: Published) -> None:
     code, out, err = published.testkey("missing", "-k", published.key("good"))
     assert (code, out) == (EXIT_UNAVAILABLE, "")
+    assert "secure" not in err  # no record, no DNSSEC note (nor from opendkim-testkey)
     line = _one_line(err, "missing")
     assert "no_record" in line and f"missing._domainkey.{DOMAIN} does not exist (NXDOMAIN)" in line
 
@@ -349,6 +359,7 @@ def test_testkey_no_record_when_the_name_has_no_txt(published: Published) -> Non
     code, _, err = published.testkey("nodata")
     assert code == EXIT_UNAVAILABLE
     assert "has no TXT record" in _one_line(err, "nodata")
+    assert "secure" not in err
 
 
 def test_testkey_revoked_record(published: Published) -> None:
@@ -386,6 +397,7 @@ def test_testkey_dns_timeout_is_a_temporary_failure(blackhole_dns: BlackholeDns)
     )  # fmt: skip
     assert (code, out) == (EXIT_TEMPFAIL, "")
     line = _one_line(err, "good")
+    assert "secure" not in err
     # --timeout 1 bounded the lookup, and the key was asked for once.
     assert "dns_error" in line and "timed out after 1s" in line
     assert blackhole_dns.received() == [SeenQuery(f"good._domainkey.{DOMAIN}", "TXT", False)]
@@ -425,6 +437,9 @@ def test_testkey_verbose_shows_the_lookup_and_the_record(published: Published) -
     assert f"checking key 'good._domainkey.{DOMAIN}'" in err
     assert f"key loaded from {published.key('good')} (rsa, 2048 bits)" in err
     assert f"record retrieved for good._domainkey.{DOMAIN}: v=DKIM1; h=sha256; k=rsa; p=" in err
+    assert NOT_SECURE in err
+    assert (f"authmilter testkey: the answer was not DNSSEC-validated: the nameserver "
+            f"{published.server.nameserver} did not set the AD flag (") in err  # fmt: skip
 
 
 def test_published_key_is_the_one_on_disk(published: Published) -> None:
@@ -455,10 +470,122 @@ def test_testkey_dash_c_checks_every_keytable_entry(published: Published, tmp_pa
     assert f"key good._domainkey.{DOMAIN} OK" in out and f"key ed._domainkey.{DOMAIN} OK" in out
     assert f"domain {DOMAIN}, selector good: mismatch" in err
     assert "4 keys" not in err and "3 keys checked; 2 pass, 1 fail, 1 skipped" in err
+    # The DNSSEC note names the key and follows its result, as opendkim-testkey -x prints it.
+    lines = err.splitlines()
+    mismatch = next(i for i, line in enumerate(lines) if ": mismatch: " in line)
+    assert lines[mismatch + 1] == f"authmilter testkey: key wrong._domainkey.{DOMAIN} not secure"
+    for name in (f"good._domainkey.{DOMAIN}", f"ed._domainkey.{DOMAIN}"):
+        assert f"authmilter testkey: key {name} not secure" in lines
 
     table.write_text(f"good._domainkey.{DOMAIN} {DOMAIN}:good:{published.key('good')}\n")
     code, out, err = invoke("testkey", "-c", str(conf))
     assert (code, out) == (EXIT_OK, f"key good._domainkey.{DOMAIN} OK\n")
+
+
+# -- testkey and DNSSEC: the AD flag of the answer ----------------------------------------------
+
+
+class ValidatingResolver(FaultyDns):
+    """Stands in for a validating resolver (unbound, say) in front of NSD, on loopback.
+
+    It relays each query to NSD and, as a validating resolver does for an answer it validated
+    (RFC 6840 §5.7), sets AD in the response when the query asked for DNSSEC (DO bit or AD
+    flag). ``asked`` holds (DO, AD) of each query. NSD, an authoritative server, never sets AD.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.asked: list[tuple[bool, bool]] = []
+
+    def _answer(self, wire: bytes, over_tcp: bool) -> bytes | None:
+        query = dns.message.from_wire(wire)
+        do, ad = bool(query.ednsflags & dns.flags.DO), bool(query.flags & dns.flags.AD)
+        self.asked.append((do, ad))
+        reply = self._relay(wire, over_tcp)
+        if reply is None or not (do or ad):
+            return reply
+        response = dns.message.from_wire(reply)
+        response.flags |= dns.flags.AD
+        return response.to_wire()
+
+
+@pytest.fixture()
+def validating(published: Published) -> Iterator[ValidatingResolver]:
+    with ValidatingResolver(published.server.nameserver) as resolver:
+        yield resolver
+
+
+def _testkey_via(server: str, selector: str, *args: str) -> tuple[int, str, str]:
+    return invoke("testkey", "-d", DOMAIN, "-s", selector, "--nameservers", server,
+                  "--timeout", "2", *args)  # fmt: skip
+
+
+def test_testkey_says_key_secure_when_the_answer_carries_the_ad_flag(
+    published: Published, validating: ValidatingResolver
+) -> None:
+    code, out, err = _testkey_via(validating.nameserver, "good", "-k", published.key("good"))
+    assert (code, out, err) == (EXIT_OK, "key OK\n", "authmilter testkey: key secure\n")
+    # The one query asked for DNSSEC: EDNS0 with the DO bit, and the AD flag.
+    assert validating.asked == [(True, True)]
+
+
+def test_testkey_verbose_explains_whether_the_answer_was_validated(
+    published: Published, validating: ValidatingResolver
+) -> None:
+    _, _, err = _testkey_via(validating.nameserver, "good", "-v")
+    lines = err.splitlines()
+    at = lines.index("authmilter testkey: key secure")
+    assert lines[at + 1] == (
+        "authmilter testkey: the answer was DNSSEC-validated: the nameserver "
+        f"{validating.nameserver} set the AD flag (trust it as far as the path to that "
+        "resolver: on this host or a trusted network)"
+    )
+    _, _, err = _testkey_via(published.server.nameserver, "good", "-v")
+    lines = err.splitlines()
+    at = lines.index("authmilter testkey: key not secure")
+    assert lines[at + 1] == (
+        "authmilter testkey: the answer was not DNSSEC-validated: the nameserver "
+        f"{published.server.nameserver} did not set the AD flag (the zone is unsigned, or "
+        "that nameserver does not validate: list a validating resolver in Nameservers or "
+        "--nameservers)"
+    )
+
+
+def test_testkey_dnssec_note_never_changes_the_exit_status(
+    published: Published, validating: ValidatingResolver
+) -> None:
+    """As with opendkim-testkey: "not secure" is no error, "secure" saves no broken key."""
+    for server, note in ((published.server.nameserver, "key not secure"),
+                         (validating.nameserver, "key secure")):  # fmt: skip
+        assert _testkey_via(server, "good") == (EXIT_OK, "key OK\n",
+                                                f"authmilter testkey: {note}\n")  # fmt: skip
+        code, out, err = _testkey_via(server, "good", "-k", published.key("unpublished"))
+        assert (code, out) == (EXIT_DATAERR, "")
+        assert err.splitlines()[0] == f"authmilter testkey: {note}"
+        assert "mismatch" in err.splitlines()[1]
+        code, _, err = _testkey_via(server, "revoked")
+        assert code == EXIT_UNAVAILABLE and err.startswith(f"authmilter testkey: {note}\n")
+        code, _, err = _testkey_via(server, "missing")
+        assert code == EXIT_UNAVAILABLE and "secure" not in err
+
+
+def test_testkey_dash_c_notes_each_secure_key(
+    published: Published, validating: ValidatingResolver, tmp_path: Path
+) -> None:
+    table = tmp_path / "key.table"
+    table.write_text(f"good._domainkey.{DOMAIN} {DOMAIN}:good:{published.key('good')}\n")
+    (tmp_path / "signing.table").write_text(f"*@{DOMAIN} good._domainkey.{DOMAIN}\n")
+    conf = tmp_path / "authmilter.conf"
+    conf.write_text(
+        f"KeyTable file:{table}\nSigningTable refile:{tmp_path}/signing.table\n"
+        f"Nameservers {validating.nameserver}\nDNSTimeout 2\n"
+    )
+    code, out, err = invoke("testkey", "-c", str(conf))
+    assert (code, out) == (EXIT_OK, f"key good._domainkey.{DOMAIN} OK\n")
+    assert err.splitlines() == [
+        f"authmilter testkey: key good._domainkey.{DOMAIN} secure",
+        "authmilter testkey: 1 key checked; 1 pass, 0 fail",
+    ]
 
 
 # -- testkey without -c: the default configuration file ----------------------------------------
@@ -477,7 +604,7 @@ def test_testkey_without_dash_c_uses_the_default_configfiles_nameservers(
     through the default file's Nameservers, as opendkim-testkey reads /etc/opendkim.conf."""
     conf = _default_conf(tmp_path, f"Nameservers {published.server.nameserver}\nDNSTimeout 2\n")
     argv = ("testkey", "-d", DOMAIN, "-s", "good", "-k", published.key("good"))
-    assert invoke(*argv, default_config=conf) == (EXIT_OK, "key OK\n", "")
+    assert invoke(*argv, default_config=conf) == (EXIT_OK, "key OK\n", NOT_SECURE)
     code, out, err = invoke(*argv, "-v", default_config=conf)
     assert (code, out) == (EXIT_OK, "key OK\n")
     assert err.splitlines()[0] == f"authmilter testkey: using default configfile {conf}"
@@ -564,3 +691,25 @@ def test_cli_testkey_reads_cli_default_config_and_its_help_names_it(
     out, err = capsys.readouterr()
     assert out == "key OK\n"
     assert f"authmilter testkey: using default configfile {conf}" in err
+
+
+def test_testkey_judges_key_owners_as_the_milter_with_its_user_id(
+    published: Published, tmp_path: Path
+) -> None:
+    """A key in Debian's layout (folder 0700 and key 0600, both the UserID user's) is safe for
+    testkey as for the milter, when the configuration names that UserID."""
+    nobody = pwd.getpwnam("nobody")
+    folder = tmp_path / "dkimkeys"
+    folder.mkdir(mode=0o700)
+    key = folder / "good.private"
+    shutil.copy(published.key("good"), key)
+    os.chmod(key, 0o600)
+    for path in (folder, key):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    argv = ("testkey", "-d", DOMAIN, "-s", "good", "-k", str(key))
+    conf = _default_conf(tmp_path, f"Nameservers {published.server.nameserver}\nUserID nobody\n")
+    assert invoke(*argv, default_config=conf) == (EXIT_OK, "key OK\n", NOT_SECURE)
+    conf = _default_conf(tmp_path, f"Nameservers {published.server.nameserver}\n")
+    code, out, err = invoke(*argv, "--require-safe-keys", default_config=conf)
+    assert (code, out) == (EXIT_NOPERM, "")
+    assert "owned by uid" in err and "(nobody)" in err and "chmod" not in err

@@ -6,7 +6,9 @@
 the KeyTable and SigningTable lines that put the key to use.
 
 ``testkey`` looks up ``<selector>._domainkey.<domain>`` and checks the record, and the private
-key against it when ``-k`` is given; ``-c`` checks every KeyTable entry of a config file.
+key against it when ``-k`` is given; ``-c`` checks every KeyTable entry of a config file. As
+opendkim-testkey, it notes on stderr whether the answer was DNSSEC-validated ("key not secure"
+unless the nameserver set the AD flag); that note never changes the exit status.
 Without ``-c`` or ``--nameservers`` the lookups use the ``Nameservers`` and ``DNSTimeout`` of the
 default configuration file (``cli.DEFAULT_CONFIG``) when it exists, as opendkim-testkey reads
 opendkim.conf; else /etc/resolv.conf.
@@ -24,7 +26,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from authmilter.errors import ConfigError, KeyMaterialError, Location
 from authmilter.keys import (
@@ -36,6 +38,7 @@ from authmilter.keys import (
     PrivateKey,
     bind_txt,
     generate_private_key,
+    key_owners,
     key_record_name,
     key_record_text,
     load_private_key,
@@ -44,6 +47,9 @@ from authmilter.keys import (
     unsafe_key_file_reason,
 )
 from authmilter.resolver import Resolver
+
+if TYPE_CHECKING:
+    from authmilter.config import Config
 
 __all__ = [
     "EXIT_CANTCREAT",
@@ -352,7 +358,11 @@ def add_testkey_parser(
             "Look up <selector>._domainkey.<domain>, check the key record, and with -k check "
             "that it publishes the public half of the private key. Prints 'key OK' on "
             "success; otherwise one line naming the domain, selector and problem, and a "
-            "non-zero exit status. Without -c or --nameservers the lookups use the "
+            "non-zero exit status. The lookup asks for DNSSEC (the DO bit); when a record "
+            "comes back, 'key secure' or 'key not secure' on stderr says whether the "
+            "nameserver marked the answer validated (the AD flag, which only a validating "
+            "resolver sets); not secure is a note, not an error (as with opendkim-testkey). "
+            "Without -c or --nameservers the lookups use the "
             f"Nameservers and DNSTimeout of {default_config} if it exists (as "
             "opendkim-testkey reads /etc/opendkim.conf), else /etc/resolv.conf."
         ),
@@ -414,7 +424,6 @@ def _default_resolver(ns: argparse.Namespace) -> Resolver | int:
     code after printing the problem (a problem in the default file is named file:line).
     """
     from authmilter import cli
-    from authmilter.config import Config
 
     err = sys.stderr
     path: str = getattr(ns, "default_config", None) or cli.DEFAULT_CONFIG
@@ -422,6 +431,8 @@ def _default_resolver(ns: argparse.Namespace) -> Resolver | int:
     if not ns.nameservers:
         try:
             config = cli.read_default_config(path, err, f"{PROG} testkey", verbose=ns.verbose > 0)
+            if config is not None:
+                ns.key_owners = _key_owners(config)
         except ConfigError as exc:
             _say(err, "testkey", str(exc))
             return EXIT_CONFIG
@@ -453,6 +464,18 @@ def _default_resolver(ns: argparse.Namespace) -> Resolver | int:
         return EXIT_CONFIG
 
 
+def _key_owners(config: Config) -> frozenset[int]:
+    """Who may own keys under ``config``: as the milter judges them (root, this user, the
+    UserID user).
+
+    :raises ConfigError: for an unknown UserID user or group.
+    """
+    from authmilter.config import user_id_account
+
+    account = user_id_account(config)
+    return key_owners([account.uid] if account else [])
+
+
 def _load_key(
     source: str, ns: argparse.Namespace, label: str, *, table_value: bool = False
 ) -> PrivateKey | int:
@@ -471,7 +494,7 @@ def _load_key(
             _say(err, "testkey", f"{label}: {exc}")
             return EXIT_NOINPUT
     try:
-        reason = unsafe_key_file_reason(source)
+        reason = unsafe_key_file_reason(source, getattr(ns, "key_owners", None))
     except OSError:
         reason = None  # load_private_key reports why the file cannot be used
     if reason is not None:
@@ -489,18 +512,47 @@ def _load_key(
     return key
 
 
-def _report(result: KeyTestResult, *, verbose: int, ok_line: str) -> int:
-    """Print a test result: ``ok_line`` on stdout on success, one line on stderr otherwise."""
+def _report_dnssec(result: KeyTestResult, *, verbose: int, key: str) -> None:
+    """Say on stderr whether the key record's answer was DNSSEC-validated, as opendkim-testkey
+    does ("key not secure", "key secure"; ``key`` names the key), and with -v why. Nothing
+    when no record came back. Either way it is a note, not a failure."""
+    if result.dnssec is None:
+        return
+    server = result.nameserver or "asked"
+    if result.dnssec:
+        _say(sys.stderr, "testkey", f"{key} secure")
+        why = (f"the answer was DNSSEC-validated: the nameserver {server} set the AD flag "
+               "(trust it as far as the path to that resolver: on this host or a trusted "
+               "network)")  # fmt: skip
+    else:
+        _say(sys.stderr, "testkey", f"{key} not secure")
+        why = (f"the answer was not DNSSEC-validated: the nameserver {server} did not set the "
+               "AD flag (the zone is unsigned, or that nameserver does not validate: list a "
+               "validating resolver in Nameservers or --nameservers)")  # fmt: skip
+    if verbose:
+        _say(sys.stderr, "testkey", why)
+
+
+def _report(result: KeyTestResult, *, verbose: int, ok_line: str, key: str = "key",
+            note_after: bool = False) -> int:  # fmt: skip
+    """Print a test result: ``ok_line`` on stdout on success, one line on stderr otherwise;
+    and the DNSSEC note on stderr (see :func:`_report_dnssec`), before the result or with
+    ``note_after`` after it (opendkim-testkey's order for a single key and for KeyTable
+    entries)."""
     where = f"domain {result.domain}, selector {result.selector}"
     if verbose and result.record is not None:
         shown = "; ".join(f"{k}={v}" for k, v in result.record.tags)
         _say(sys.stderr, "testkey", f"record retrieved for {result.name}: {shown}")
+    if not note_after:
+        _report_dnssec(result, verbose=verbose, key=key)
     for warning in result.warnings:
         _say(sys.stderr, "testkey", f"{where}: warning: {warning}")
     if result.ok:
         print(ok_line, file=sys.stdout)
     else:
         _say(sys.stderr, "testkey", f"{where}: {result.status.value}: {result.message}")
+    if note_after:
+        _report_dnssec(result, verbose=verbose, key=key)
     return exit_code_for(result.status)
 
 
@@ -536,6 +588,7 @@ def _run_testkey_config(ns: argparse.Namespace) -> int:
     try:
         config = load_config(ns.config).config
         entries = load_key_entries(ns.config)
+        ns.key_owners = _key_owners(config)
     except ConfigError as exc:
         _say(err, "testkey", str(exc))
         return EXIT_CONFIG
@@ -564,7 +617,8 @@ def _run_testkey_config(ns: argparse.Namespace) -> int:
             code = key
         else:
             result = test_key(resolver, entry.domain, entry.selector, key)
-            code = _report(result, verbose=ns.verbose, ok_line=f"key {entry.name} OK")
+            code = _report(result, verbose=ns.verbose, ok_line=f"key {entry.name} OK",
+                           key=f"key {entry.name}", note_after=True)  # fmt: skip
         if code == EXIT_OK:
             passed += 1
             continue

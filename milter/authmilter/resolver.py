@@ -24,6 +24,7 @@ one); temporary failures are never cached.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ipaddress
 import threading
 import time
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -50,6 +52,7 @@ __all__ = [
     "MAX_NEGATIVE_TTL",
     "MAX_POSITIVE_TTL",
     "CacheStats",
+    "DnssecTxt",
     "Resolver",
     "parse_nameserver",
     "parse_nameservers",
@@ -141,6 +144,26 @@ class CacheStats:
     hits: int
     misses: int
     size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DnssecTxt:
+    """The answer of :meth:`Resolver.txt_dnssec`: TXT records and whether they were validated.
+
+    ``authenticated`` is the AD flag of the response: a validating resolver sets it when it
+    checked every record of the answer with DNSSEC (RFC 4035 §3.2.3, RFC 6840 §5.7). An
+    authoritative server, a resolver that does not validate, and an unsigned zone leave it
+    clear. The flag is only as trustworthy as the path to that resolver (RFC 6840 §5.7: on
+    this host or over a secured channel).
+    """
+
+    #: One ``bytes`` per TXT record (its character-strings concatenated), in answer order;
+    #: empty on NODATA.
+    records: tuple[bytes, ...]
+    #: The AD flag of the response.
+    authenticated: bool
+    #: The nameserver that answered, as ``address:port`` (``[address]:port`` for IPv6).
+    nameserver: str
 
 
 class _Kind(Enum):
@@ -339,6 +362,60 @@ class Resolver:
         except DNSNameNotFound:
             return None
         return records[0] if records else None
+
+    def txt_dnssec(self, name: str) -> DnssecTxt:
+        """Look up the TXT records at ``name`` asking for DNSSEC, past the cache.
+
+        The query carries EDNS0 with the DO bit and sets the AD flag (RFC 3225, RFC 6840 §5.7),
+        so a validating resolver among the nameservers says in the AD flag of its response
+        whether it validated the records; see :class:`DnssecTxt`. The signatures themselves
+        are not checked here. For the ``testkey`` command: the answer is not cached (the cache
+        keeps no AD flag) and does not count in the metrics.
+
+        :raises DNSNameNotFound: NXDOMAIN.
+        :raises DNSTempError: as :meth:`query`.
+        :raises DNSPermError: as :meth:`query`.
+        """
+        what = f"{name} TXT"
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as exc:
+            raise DNSPermError(f"{what}: malformed name: {exc}") from None
+        resolver = copy.copy(self._resolver)
+        resolver.use_edns(0, dns.flags.DO)
+        resolver.flags = dns.flags.RD | dns.flags.AD
+        lifetime = self._timeout
+        end: float | None = getattr(self._local, "deadline", None)
+        if end is not None:
+            lifetime = min(lifetime, end - self._clock())
+            if lifetime <= 0:
+                raise DNSTempError(f"{what}: not asked, the DNS time is spent (DNSDeadline)")
+        try:
+            answer = resolver.resolve(qname, dns.rdatatype.TXT, raise_on_no_answer=False,
+                                      search=False, lifetime=lifetime)  # fmt: skip
+        except dns.resolver.NXDOMAIN:
+            raise DNSNameNotFound(f"{what}: no such domain (NXDOMAIN)") from None
+        except dns.exception.Timeout as exc:
+            raise DNSTempError(f"{what}: timed out after {lifetime:.3g}s ({exc})") from None
+        except dns.resolver.NoNameservers as exc:
+            raise _classify_no_nameservers(exc, what) from None
+        except dns.resolver.YXDOMAIN:
+            raise DNSPermError(f"{what}: name too long after DNAME rewrite (YXDOMAIN)") from None
+        except _MALFORMED as exc:
+            raise DNSPermError(f"{what}: malformed answer: {exc}") from None
+        except dns.exception.DNSException as exc:
+            raise DNSTempError(f"{what}: lookup failed: {exc}") from None
+        except OSError as exc:
+            raise DNSTempError(f"{what}: network error: {exc}") from None
+        records = tuple(b"".join(rdata.strings) for rdata in answer.rrset or ()
+                        if isinstance(rdata, dns.rdtypes.txtbase.TXTBase))  # fmt: skip
+        address = str(answer.nameserver)
+        host = f"[{address}]" if ":" in address else address
+        return DnssecTxt(
+            records=records,
+            authenticated=bool(answer.response.flags & dns.flags.AD),
+            nameserver=f"{host}:{answer.port}",
+        )
 
     # -- internals ------------------------------------------------------------------------
 
