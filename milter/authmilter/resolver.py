@@ -182,6 +182,23 @@ class _Entry:
 
 
 # Exceptions inside NoNameservers that mean "the answer itself is broken", not "try later".
+def _lookup_error(exc: Exception, what: str, lifetime: float) -> Exception:
+    """Our error for a failed lookup (NXDOMAIN aside, which each caller answers itself)."""
+    if isinstance(exc, dns.exception.Timeout):
+        return DNSTempError(f"{what}: timed out after {lifetime:.3g}s ({exc})")
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return _classify_no_nameservers(exc, what)
+    if isinstance(exc, dns.resolver.YXDOMAIN):
+        return DNSPermError(f"{what}: name too long after DNAME rewrite (YXDOMAIN)")
+    if isinstance(exc, dns.resolver.NoAnswer):  # not raised with raise_on_no_answer=False
+        return DNSPermError(f"{what}: unexpected empty answer ({exc})")
+    if isinstance(exc, _MALFORMED):
+        return DNSPermError(f"{what}: malformed answer: {exc}")
+    if isinstance(exc, OSError):
+        return DNSTempError(f"{what}: network error: {exc}")
+    return DNSTempError(f"{what}: lookup failed: {exc}")
+
+
 _MALFORMED = (
     dns.exception.FormError,
     dns.exception.SyntaxError,
@@ -395,18 +412,8 @@ class Resolver:
                                       search=False, lifetime=lifetime)  # fmt: skip
         except dns.resolver.NXDOMAIN:
             raise DNSNameNotFound(f"{what}: no such domain (NXDOMAIN)") from None
-        except dns.exception.Timeout as exc:
-            raise DNSTempError(f"{what}: timed out after {lifetime:.3g}s ({exc})") from None
-        except dns.resolver.NoNameservers as exc:
-            raise _classify_no_nameservers(exc, what) from None
-        except dns.resolver.YXDOMAIN:
-            raise DNSPermError(f"{what}: name too long after DNAME rewrite (YXDOMAIN)") from None
-        except _MALFORMED as exc:
-            raise DNSPermError(f"{what}: malformed answer: {exc}") from None
-        except dns.exception.DNSException as exc:
-            raise DNSTempError(f"{what}: lookup failed: {exc}") from None
-        except OSError as exc:
-            raise DNSTempError(f"{what}: network error: {exc}") from None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise _lookup_error(exc, what, lifetime) from None
         records = tuple(b"".join(rdata.strings) for rdata in answer.rrset or ()
                         if isinstance(rdata, dns.rdtypes.txtbase.TXTBase))  # fmt: skip
         address = str(answer.nameserver)
@@ -480,20 +487,8 @@ class Resolver:
             response = responses.get(qname)
             ttl = _negative_ttl(response) if response is not None else None
             return _Entry(_Kind.NXDOMAIN, now + (ttl or 0))
-        except dns.exception.Timeout as exc:
-            raise DNSTempError(f"{what}: timed out after {lifetime:.3g}s ({exc})") from None
-        except dns.resolver.NoNameservers as exc:
-            raise _classify_no_nameservers(exc, what) from None
-        except dns.resolver.YXDOMAIN:
-            raise DNSPermError(f"{what}: name too long after DNAME rewrite (YXDOMAIN)") from None
-        except dns.resolver.NoAnswer as exc:  # not raised with raise_on_no_answer=False
-            raise DNSPermError(f"{what}: unexpected empty answer ({exc})") from None
-        except _MALFORMED as exc:
-            raise DNSPermError(f"{what}: malformed answer: {exc}") from None
-        except dns.exception.DNSException as exc:
-            raise DNSTempError(f"{what}: lookup failed: {exc}") from None
-        except OSError as exc:
-            raise DNSTempError(f"{what}: network error: {exc}") from None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise _lookup_error(exc, what, lifetime) from None
 
         if answer.rrset is None:
             ttl = _negative_ttl(answer.response)
