@@ -23,6 +23,30 @@ $(EXAMPLE_KEY): | venv
 	mkdir -p $(dir $@)
 	$(VENV)/bin/authmilter genkey -D $(dir $@) -d example.com -s default
 
+# The Debian package (debian/): build/authmilter_<version>_<arch>.deb, with the Python
+# dependencies in a private virtualenv (dh-virtualenv), then lintian on it. The build runs in a
+# copy of the tree under build/deb, so the checkout stays clean.
+APT_DEB = $(APT_RUN) debhelper dh-virtualenv lintian dpkg-dev rsync
+.PHONY: deb deps-deb deploy-test
+deb: deps-deb
+	rm -rf build/deb && mkdir -p build/deb/authmilter
+	rsync -a --exclude=/.git --exclude=/.venv --exclude=/build --exclude='*.egg-info' \
+		--exclude=__pycache__ --exclude=.hypothesis --exclude=.pytest_cache \
+		--exclude=.mypy_cache --exclude=.ruff_cache --exclude=/keys/*/ ./ build/deb/authmilter/
+	cd build/deb/authmilter && dpkg-buildpackage -us -uc -b
+	cp build/deb/authmilter_*.deb build/
+	lintian --fail-on error,warning --info build/authmilter_*.deb > build/lintian.txt \
+		|| { cat build/lintian.txt; exit 1; }
+	@echo "lintian: clean, but for the overrides listed with their reasons in debian/authmilter.lintian-overrides"
+
+# The deployment test (tests/test_deploy.py): installs the package, runs it behind the system
+# Postfix on loopback, reloads, stops, purges, and puts the machine back as it was.
+deploy-test: deb venv-test
+	$(VENV)/bin/python -m pytest -q -s tests/test_deploy.py
+
+deps-deb:
+	@./.ci/apt-ensure $(APT_DEB)
+
 # Benchmark (bench/README.md): Postfix alone, OpenDKIM, OpenDKIM + OpenDMARC and authmilter on
 # loopback; about 10 minutes on 2 cores; rewrites the generated section of docs/performance.md.
 # `make bench BENCH_ARGS=--quick` is a smoke run (seconds; the document is left alone).
@@ -87,7 +111,7 @@ $(RFC7208_SUITE): | venv
 	rm -rf build/conformance.tmp
 
 # Lint and strict typing first (seconds), then the suite with its real Postfix/NSD fixtures.
-test: deps-test venv-test lint typecheck $(RFC7208_SUITE)
+test: deps-test venv-test lint typecheck $(RFC7208_SUITE) deb
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 check: venv-test lint typecheck

@@ -260,8 +260,9 @@ def test_the_systemd_unit_is_valid_and_notifies(tmp_path: Path) -> None:
     unit = (repo / "etc" / "authmilter.service").read_text()
     assert re.search(r"^Type=notify$", unit, re.M) and re.search(r"^KillMode=mixed$", unit, re.M)
     copy = tmp_path / "authmilter.service"
-    copy.write_text(unit.replace("/opt/authmilter/.venv/bin/authmilter",
+    copy.write_text(unit.replace("/usr/bin/authmilter",
                                  str(Path(sys.executable).parent / "authmilter")))  # fmt: skip
-    result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True,
+    # --man=no: the man pages are checked once the package installed them (make deploy-test).
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)], capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
