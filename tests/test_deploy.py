@@ -18,8 +18,9 @@ Nothing is mocked:
    signed once the milter is back;
 8. ``apt-get purge``, and what remains is checked.
 
-The machine is left as it was found: main.cf restored, Postfix stopped unless it ran before,
-``/etc/dkimkeys`` given back to its owner, the ``authmilter`` user removed.
+It refuses to run where the package is installed or the system Postfix runs (a live server).
+The machine is left as it was found: main.cf restored, Postfix stopped, ``/etc/dkimkeys`` given
+back to its owner, the ``authmilter`` user removed.
 """
 
 from __future__ import annotations
@@ -169,10 +170,18 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Pa
     if os.geteuid() != 0:
         pytest.fail("the deployment test needs root, as `make test` runs", pytrace=False)
     deb = package()
+    # Never on a live server: the test installs and purges the package, and reconfigures the
+    # system Postfix for its duration.
+    installed = subprocess.run(["dpkg-query", "-W", "-f=${Status}", "authmilter"],
+                               capture_output=True, text=True, check=False).stdout  # fmt: skip
+    if "install ok installed" in installed:
+        pytest.fail("the authmilter package is installed here; the deployment test would purge "
+                    "it. Run it on a test machine.", pytrace=False)  # fmt: skip
+    if subprocess.run(["postfix", "status"], capture_output=True, check=False).returncode == 0:
+        pytest.fail("the system Postfix is running; the deployment test reconfigures it. Run "
+                    "it on a test machine (or `postfix stop` first).", pytrace=False)  # fmt: skip
     main_cf = Path("/etc/postfix/main.cf")
     saved_main_cf = main_cf.read_bytes() if main_cf.exists() else None
-    postfix_was_running = subprocess.run(["postfix", "status"], capture_output=True,
-                                         check=False).returncode == 0  # fmt: skip
     keys_owner = (KEYS.stat().st_uid, KEYS.stat().st_gid) if KEYS.exists() else None
     user_existed = _user_exists("authmilter")
     mbox_saved = MAILBOX.read_bytes() if MAILBOX.exists() else None
@@ -188,10 +197,7 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Pa
             main_cf.unlink(missing_ok=True)
         else:
             main_cf.write_bytes(saved_main_cf)
-        if postfix_was_running:
-            subprocess.run(["postfix", "reload"], capture_output=True, check=False)
-        else:
-            subprocess.run(["postfix", "stop"], capture_output=True, check=False)
+        subprocess.run(["postfix", "stop"], capture_output=True, check=False)
         if keys_owner is None:
             shutil.rmtree(KEYS, ignore_errors=True)
         else:
