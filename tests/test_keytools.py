@@ -683,7 +683,7 @@ def test_cli_testkey_reads_cli_default_config_and_its_help_names_it(
         cli.main(["testkey", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"Nameservers and DNSTimeout of {cli.DEFAULT_CONFIG} if it exists" in help_text
-    assert cli.DEFAULT_CONFIG == "/etc/authmilter.conf"
+    assert cli.DEFAULT_CONFIG == "/etc/authmilter/authmilter.conf"
 
     conf = _default_conf(tmp_path, f"Nameservers {published.server.nameserver}\n")
     monkeypatch.setattr(cli, "DEFAULT_CONFIG", conf)

@@ -263,6 +263,6 @@ def test_the_systemd_unit_is_valid_and_notifies(tmp_path: Path) -> None:
     copy.write_text(unit.replace("/usr/bin/authmilter",
                                  str(Path(sys.executable).parent / "authmilter")))  # fmt: skip
     # --man=no: the man pages are checked once the package installed them (make deploy-test).
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)], capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr

@@ -25,13 +25,14 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG, as the anchors use for configuration errors
 
-DEFAULT_CONFIG = "/etc/authmilter.conf"
+DEFAULT_CONFIG = "/etc/authmilter/authmilter.conf"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from authmilter.dmarctools import add_check_dmarc_parser
     from authmilter.keytools import add_genkey_parser, add_testkey_parser
+    from authmilter.rotate import add_rotate_parser
 
     parser = argparse.ArgumentParser(
         prog="authmilter",
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_genkey_parser(sub)
     add_testkey_parser(sub, default_config=DEFAULT_CONFIG)
     add_check_dmarc_parser(sub, default_config=DEFAULT_CONFIG)
+    add_rotate_parser(sub, default_config=DEFAULT_CONFIG)
     return parser
 
 
