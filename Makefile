@@ -7,9 +7,10 @@ CONF    ?= etc/authmilter.conf
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_RUN  = libmilter-dev gcc python3-dev python3-venv
 # Real parts the test suite drives: Postfix, NSD, and the anchors (OpenDKIM, OpenDMARC,
-# miltertest, policyd-spf); systemd for `systemd-analyze verify` of the unit.
+# miltertest, policyd-spf); systemd for `systemd-analyze verify` of the unit; man-db and
+# groff-base to check the man pages.
 APT_TEST = $(APT_RUN) postfix nsd opendkim opendkim-tools miltertest opendmarc \
-           postfix-policyd-spf-python systemd
+           postfix-policyd-spf-python systemd man-db groff-base
 
 .PHONY: run test deps-run deps-test venv venv-test lint typecheck check docs clean
 
@@ -123,9 +124,14 @@ typecheck:
 	$(VENV)/bin/mypy
 	MYPYPATH=milter:tests $(VENV)/bin/mypy --strict compare
 
-# Regenerate the directive table of docs/configuration.md (a test checks the two agree).
+# Regenerate the directive table of docs/configuration.md and the man pages in man/ (tests
+# check they agree with the code).
 docs: venv
 	$(VENV)/bin/python -m authmilter.config --update docs/configuration.md
+	$(VENV)/bin/python -m authmilter.manpages --output-dir man
+
+.PHONY: man
+man: docs
 
 # Debian packages: installed only when one is missing, so a warm machine skips apt entirely.
 deps-run:
