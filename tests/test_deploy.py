@@ -15,7 +15,7 @@ Nothing is mocked:
    Authentication-Results, and a ``p=reject`` spoof is rejected;
 6. a domain and its key are added, the unit's reload (SIGHUP), and that domain is signed;
 7. a stop removes the socket and pid file; mail sent meanwhile is deferred, then delivered
-   signed once the milter is back;
+   signed once the milter is back; an upgrade to a higher version keeps the user's files;
 8. ``apt-get purge``, and what remains is checked.
 
 It refuses to run where the package is installed or the system Postfix runs (a live server).
@@ -411,6 +411,28 @@ def test_the_package_installs_runs_behind_the_system_postfix_and_purges(machine:
         service.start()
         assert _signature(_delivered("while stopped"), nsd) == ("example.com", "2026-12")
         service.stop()
+
+        # An upgrade (the same package, a higher version) keeps the user's files.
+        phase = time.monotonic()
+        tables = {name: Path(f"/etc/authmilter/{name}").read_text()
+                  for name in ("authmilter.conf", "key.table", "signing.table")}  # fmt: skip
+        sh("dpkg-deb", "-R", str(deb), str(work / "unpacked"))
+        control = work / "unpacked" / "DEBIAN" / "control"
+        control.write_text(re.sub(r"^Version: (.*)$", r"Version: \1+upgrade", control.read_text(),
+                                  flags=re.M))  # fmt: skip
+        newer = work / "authmilter_upgrade.deb"
+        sh("dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "-b", str(work / "unpacked"),
+           str(newer))  # fmt: skip
+        sh("apt-get", "install", "-y", "-q", str(newer))
+        assert "+upgrade" in sh("dpkg-query", "-W", "-f=${Version}", "authmilter")
+        for name, text in tables.items():
+            assert Path(f"/etc/authmilter/{name}").read_text() == text, f"{name} was replaced"
+        assert (KEYS / "example.net" / "2026-12.private").exists()
+        service.start()
+        _sendmail(_message("frank@example.net", "after the upgrade"))
+        assert _signature(_delivered("after the upgrade"), nsd) == ("example.net", "2026-12")
+        service.stop()
+        timings["upgrade"] = time.monotonic() - phase
     finally:
         service.kill()
         nsd.stop()
