@@ -693,6 +693,11 @@ def program_page() -> str:
         "systemd unit creates `/run/authmilter` (`RuntimeDirectory=`).",
     )
     page.item(
+        bold("/var/lib/authmilter"),
+        "State, owned by the milter's user: `rotate activate` records each activation in "
+        "`rotate/DOMAIN.json` there, for `rotate retire`.",
+    )
+    page.item(
         bold("/var/spool/postfix/authmilter/authmilter.sock"),
         "The socket, with `Socket local:/var/spool/postfix/authmilter/authmilter.sock`: inside "
         "the chroot of Postfix's smtpd, which connects to `unix:authmilter/authmilter.sock`. "
