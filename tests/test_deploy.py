@@ -319,15 +319,7 @@ def test_the_package_installs_runs_behind_the_system_postfix_and_purges(machine:
     # 3. Keys as the walkthrough makes them, and DNS from NSD.
     if KEYS.stat().st_uid != pwd.getpwnam("authmilter").pw_uid:
         os.chown(KEYS, pwd.getpwnam("authmilter").pw_uid, pwd.getpwnam("authmilter").pw_gid)
-    sh("install", "-d", "-m", "0700", "-o", "authmilter", "-g", "authmilter",
-       str(KEYS / "example.com"))  # fmt: skip
-    sh("authmilter", "genkey", "-D", str(KEYS / "example.com"), "-d", "example.com", "-s",
-       "2026-12")  # fmt: skip
-    with open("/etc/authmilter/key.table", "a") as f:
-        f.write(f"2026-12._domainkey.example.com example.com:2026-12:{KEYS}/example.com/"
-                "2026-12.private\n")  # fmt: skip
-    with open("/etc/authmilter/signing.table", "a") as f:
-        f.write("*@example.com 2026-12._domainkey.example.com\n")
+    _add_key("example.com", "2026-12")
     sender_key = generate_private_key("rsa", 2048)
     zones = {
         "example.com": make_zone("example.com", [
@@ -381,15 +373,7 @@ def test_the_package_installs_runs_behind_the_system_postfix_and_purges(machine:
         timings["mail"] = time.monotonic() - phase
 
         # 6. A second domain, then the unit's reload.
-        sh("install", "-d", "-m", "0700", "-o", "authmilter", "-g", "authmilter",
-           str(KEYS / "example.net"))  # fmt: skip
-        sh("authmilter", "genkey", "-D", str(KEYS / "example.net"), "-d", "example.net", "-s",
-           "2026-12")  # fmt: skip
-        with open("/etc/authmilter/key.table", "a") as f:
-            f.write(f"2026-12._domainkey.example.net example.net:2026-12:{KEYS}/example.net/"
-                    "2026-12.private\n")  # fmt: skip
-        with open("/etc/authmilter/signing.table", "a") as f:
-            f.write("*@example.net 2026-12._domainkey.example.net\n")
+        _add_key("example.net", "2026-12")
         assert "configuration OK" in sh("authmilter", "config-test")
         service.reload()
         nsd.stop()
@@ -447,6 +431,18 @@ def test_the_package_installs_runs_behind_the_system_postfix_and_purges(machine:
     assert (KEYS / "example.com" / "2026-12.private").exists()  # the user's keys stay
     assert _user_exists("authmilter")  # as Debian's packages leave their system users
     print("deploy-test timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+
+
+def _add_key(domain: str, selector: str) -> None:
+    """A domain's key and table lines, as docs/operations.md makes them (steps 4, 5 and 12)."""
+    folder = KEYS / domain
+    sh("install", "-d", "-m", "0700", "-o", "authmilter", "-g", "authmilter", str(folder))
+    sh("authmilter", "genkey", "-D", str(folder), "-d", domain, "-s", selector)
+    name = f"{selector}._domainkey.{domain}"
+    with open("/etc/authmilter/key.table", "a") as f:
+        f.write(f"{name} {domain}:{selector}:{folder}/{selector}.private\n")
+    with open("/etc/authmilter/signing.table", "a") as f:
+        f.write(f"*@{domain} {name}\n")
 
 
 def _quoted(record: str) -> str:

@@ -60,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -676,15 +676,6 @@ def _print_outcomes(outcomes: Sequence[Outcome], out: TextIO, err: TextIO, comma
 # --------------------------------------------------------------------------------------------
 
 
-def run_new(ns: argparse.Namespace) -> int:
-    """Handle ``rotate new``."""
-    try:
-        return _new(ns, sys.stdout, sys.stderr)
-    except Refusal as r:
-        _say(sys.stderr, "new", r.message)
-        return r.code
-
-
 def _new(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     domain, selector = _domain(ns.domain), _selector(ns.selector)
     algorithm = KeyAlgorithm(ns.algorithm)
@@ -759,15 +750,6 @@ def _user(uid: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def run_check(ns: argparse.Namespace) -> int:
-    """Handle ``rotate check``."""
-    try:
-        return _check(ns, sys.stdout, sys.stderr)
-    except Refusal as r:
-        _say(sys.stderr, "check", r.message)
-        return r.code
-
-
 def _check(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     domain, selector = _domain(ns.domain), _selector(ns.selector)
     cfg = _config(ns.config)
@@ -792,15 +774,6 @@ def _check(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 # --------------------------------------------------------------------------------------------
 # activate
 # --------------------------------------------------------------------------------------------
-
-
-def run_activate(ns: argparse.Namespace) -> int:
-    """Handle ``rotate activate``."""
-    try:
-        return _activate(ns, sys.stdout, sys.stderr)
-    except Refusal as r:
-        _say(sys.stderr, "activate", r.message)
-        return r.code
 
 
 @dataclass(frozen=True, slots=True)
@@ -1152,15 +1125,6 @@ def _queue_lifetime(option: str | None, err: TextIO) -> tuple[int, str]:
     return DEFAULT_QUEUE_LIFETIME, "Postfix's default"
 
 
-def run_retire(ns: argparse.Namespace) -> int:
-    """Handle ``rotate retire``."""
-    try:
-        return _retire(ns, sys.stdout, sys.stderr)
-    except Refusal as r:
-        _say(sys.stderr, "retire", r.message)
-        return r.code
-
-
 def _retire(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     domain = _domain(ns.domain)
     now = _now(ns.now)
@@ -1241,3 +1205,24 @@ def _all_file_keys(conf: str) -> list[KeyEntry]:
         return _file_keys(load_key_entries(conf))
     except ConfigError as exc:
         raise Refusal(str(exc), EXIT_CONFIG) from None
+
+
+def _handler(command: str, step: Callable[[argparse.Namespace, TextIO, TextIO], int],
+             ) -> Callable[[argparse.Namespace], int]:  # fmt: skip
+    """The entry point of ``rotate COMMAND``: run ``step``; a refusal is one line and its code."""
+
+    def run(ns: argparse.Namespace) -> int:
+        try:
+            return step(ns, sys.stdout, sys.stderr)
+        except Refusal as r:
+            _say(sys.stderr, command, r.message)
+            return r.code
+
+    run.__doc__ = f"Handle ``rotate {command}``."
+    return run
+
+
+run_new = _handler("new", _new)
+run_check = _handler("check", _check)
+run_activate = _handler("activate", _activate)
+run_retire = _handler("retire", _retire)
