@@ -127,6 +127,8 @@ def alert_series() -> list[tuple[str, tuple[tuple[str, str], ...]]]:
         out.append(series("authmilter_internal_errors_total", callback=name))
         out.append(series("authmilter_callback_seconds_count", callback=name))
     out += [series("authmilter_reloads_total", result=r) for r in ("ok", "failed")]
+    out += [series("authmilter_report_records_total", outcome=o)
+            for o in metrics.REPORT_OUTCOMES]  # fmt: skip
     return out
 
 

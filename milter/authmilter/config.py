@@ -444,6 +444,10 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("MetricsListen", Kind.STRING, None, A, S,
        "Serve Prometheus metrics over HTTP on `address:port` (e.g. `127.0.0.1:9489`); "
        "unset (default) = no metrics endpoint."),
+    _d("ReportDatabase", Kind.STRING, None, A, S,
+       "Record every DMARC-evaluated inbound message for DMARC aggregate reports in this "
+       "database: `sqlite:////absolute/path.db` (the folder must be writable by `UserID`; "
+       "PostgreSQL comes later); unset (default) = nothing is recorded."),
     _d("SPFRejectAfterDMARC", Kind.BOOL, False, A, S,
        "Hold an SPF reject or defer (HELO_reject, Mail_From_reject …) until the end of the "
        "message and drop it when DMARC passes through an aligned DKIM signature, so forwarded "
@@ -559,6 +563,7 @@ class Config:
     workers: int = 0
     dns_deadline: int = 20
     metrics_listen: str | None = None
+    report_database: str | None = None
     spf_reject_after_dmarc: bool = False
     # Provenance, not configuration.
     ignored: tuple[tuple[str, str], ...] = field(default=(), compare=False)
@@ -1061,6 +1066,12 @@ def _check_combinations(values: dict[str, Any], where: Mapping[str, Location],
             parse_listen(listen)
         except ValueError as e:
             raise ConfigError(f"MetricsListen: {e}", where.get("metrics_listen")) from None
+    database = values.get("report_database")
+    if database is not None:
+        try:
+            parse_report_database(database)
+        except ValueError as e:
+            raise ConfigError(f"ReportDatabase: {e}", where.get("report_database")) from None
     mkb = values.get("minimum_key_bits")
     if mkb is not None and 0 < mkb < 1024:
         warnings.append(ConfigWarning(
@@ -1084,6 +1095,23 @@ def parse_listen(text: str) -> tuple[str, int]:
         except ValueError:
             raise ValueError(f"{host!r} is not an IP address") from None
     return host, int(port)
+
+
+def parse_report_database(url: str) -> str:
+    """``ReportDatabase``: ``sqlite:////absolute/path.db``; returns the file's path.
+
+    :raises ValueError: another scheme (only SQLite is supported so far) or a relative path.
+    """
+    text = url.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() != "sqlite":
+        raise ValueError(f"{text!r}: only sqlite:////absolute/path.db is supported so far "
+                         "(PostgreSQL comes next)")
+    path = rest[1:] if rest.startswith("/") else ""
+    if not path.startswith("/") or path.endswith("/"):
+        raise ValueError(f"{text!r}: the SQLite database must be an absolute file path, "
+                         "written sqlite:////absolute/path.db (four slashes)")
+    return path
 
 
 def _name_of(field_name: str) -> str:

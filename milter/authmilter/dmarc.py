@@ -764,6 +764,7 @@ def evaluate(
         dkim_aligned=aligned_d is not None,
         spf_aligned=spf_state is True,
         testing=record.testing,
+        record=record,
     )
 
     if base.dkim_aligned or base.spf_aligned:

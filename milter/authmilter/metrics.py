@@ -22,6 +22,9 @@ Metric names (all prefixed ``authmilter_``):
 ``callback_seconds{callback}``            time spent in each milter callback (histogram)
 ``internal_errors_total{callback}``       exceptions caught by the adapter (On-InternalError)
 ``reloads_total{result}``                 SIGHUP/SIGUSR1 reloads: ``ok``/``failed``
+``report_records_total{outcome}``         DMARC report records (``ReportDatabase``):
+                                          ``written``, ``dropped`` (queue full),
+                                          ``failed`` (database error)
 ========================================  ================================================
 
 Every label set these can take is there from the start, at zero (see :func:`_zero`): an
@@ -52,6 +55,7 @@ __all__ = [
     "message",
     "process_dead",
     "reload",
+    "report_records",
     "result",
     "serve",
     "shutdown",
@@ -70,6 +74,8 @@ CALLBACKS = ("connect", "hello", "envfrom", "envrcpt", "header", "eoh", "body", 
 DNS_TYPES = ("TXT", "A", "AAAA", "MX", "PTR")
 #: How a lookup sent to a nameserver ends (``resolver.Resolver._lookup``).
 DNS_OUTCOMES = ("ok", "nodata", "nxdomain", "temperror", "permerror")
+#: What became of a DMARC report record (``reports.store``).
+REPORT_OUTCOMES = ("written", "dropped", "failed")
 
 _m: _Metrics | None = None
 _dir: str | None = None
@@ -102,6 +108,9 @@ class _Metrics:
         self.errors = counter("internal_errors", "Exceptions caught by the milter adapter, by "
                               "callback.", ["callback"])  # fmt: skip
         self.reloads = counter("reloads", "Configuration reloads, by result.", ["result"])
+        self.report_records = counter("report_records", "DMARC report records, by outcome: "
+                                      "written, dropped (queue full) or failed (database "
+                                      "error).", ["outcome"])  # fmt: skip
 
 
 def _zero(m: _Metrics) -> None:
@@ -134,6 +143,8 @@ def _zero(m: _Metrics) -> None:
         m.errors.labels(name).inc(0)
     for outcome in ("ok", "failed"):
         m.reloads.labels(outcome).inc(0)
+    for outcome in REPORT_OUTCOMES:
+        m.report_records.labels(outcome).inc(0)
 
 
 def enable() -> str:
@@ -238,3 +249,9 @@ def reload(ok: bool) -> None:
     """A reload was attempted."""
     if _m is not None:
         _m.reloads.labels("ok" if ok else "failed").inc()
+
+
+def report_records(outcome: str, count: int = 1) -> None:
+    """``count`` DMARC report records ``written``, ``dropped`` or ``failed``."""
+    if _m is not None and count:
+        _m.report_records.labels(outcome).inc(count)

@@ -27,6 +27,7 @@ from authmilter.dkim_verify import TxtLookup, plan_body_hashes, verify_fields
 from authmilter.errors import AuthmilterError, ConfigError
 from authmilter.keys import KeyAlgorithm
 from authmilter.keytable import KeyStore, SigningKey
+from authmilter.reports.record import DmarcEvent
 from authmilter.results import (
     DkimOutcome,
     DkimProblem,
@@ -124,6 +125,9 @@ class Verdict:
     #: The traceback of an unexpected failure behind the verdict (a signing library error),
     #: for the adapter to log below the line.
     traceback: str | None = None
+    #: The message as a DMARC report records it: inbound mail whose DMARC result is pass or
+    #: fail (a policy record was found and applied); ``None`` otherwise.
+    dmarc_event: DmarcEvent | None = None
 
 
 # -- the shared, read-only context ------------------------------------------------------------
@@ -362,6 +366,9 @@ class Transaction:
         self.sign_keys: list[SigningKey] = []
         self.sign_error: str | None = None
         self.results: list[tuple[str, str]] = []  # (method, result) for the metrics
+        # What DMARC was evaluated with (our DKIM results plus trusted upstream ones, and the
+        # SPF outcome), for the report record.
+        self._dmarc_inputs: tuple[list[DkimOutcome], SpfOutcome | None] = ([], None)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -648,6 +655,7 @@ class Transaction:
 
         dmarc_outcome = self._dmarc(originating, author_domain, outcomes)
         dmarc_action, dmarc_reply = self._dmarc_action(dmarc_outcome)
+        evaluated = dmarc_outcome.disposition if dmarc_outcome is not None else None
         if dmarc_outcome is not None:
             # dis= is what was done, as OpenDMARC writes it: quarantine only when held, none
             # when the policy was not enforced (RejectFailures false, pct sampling, t=y).
@@ -689,7 +697,79 @@ class Transaction:
         log += f" ({why})" if why and action is not Action.ACCEPT else ""
         if self.spf_held is not None and not spf_why:
             log += " (SPF reject dropped: DMARC passed through aligned DKIM)"
-        return _verdict(action, edits, log, reply=reply, quarantine=why)
+        verdict = _verdict(action, edits, log, reply=reply, quarantine=why)
+        # The report record, only when ReportDatabase asks for it; making it never costs mail.
+        if cfg.report_database and dmarc_outcome is not None and evaluated is not None:
+            try:
+                event = self._dmarc_event(dmarc_outcome, evaluated)
+            except Exception:  # noqa: BLE001 - a record is not worth a message
+                logging.getLogger("authmilter").exception("%s: no DMARC report record", qid)
+                event = None
+            if event is not None:
+                verdict = dataclasses.replace(verdict, dmarc_event=event)
+        return verdict
+
+    def _dmarc_event(self, outcome: DmarcOutcome, evaluated: DmarcPolicy) -> DmarcEvent | None:
+        """The report record of a DMARC pass or fail (``outcome`` with the applied ``dis=``,
+        ``evaluated`` the disposition after t=y and pct only); ``None`` when there is none to
+        make: no policy record (result none, temperror, permerror) or no client address."""
+        record = outcome.record
+        if (outcome.result not in (DmarcResult.PASS, DmarcResult.FAIL) or record is None
+                or outcome.policy is None or not outcome.from_domain
+                or not outcome.record_domain or not self.conn.ip):  # fmt: skip
+            return None
+        cfg = self.ctx.config
+        overrides: list[tuple[str, str]] = []
+        if outcome.result is DmarcResult.FAIL:
+            if record.testing and evaluated is not outcome.policy:
+                overrides.append(("policy_test_mode", "t=y"))
+            elif outcome.sampled_out:
+                overrides.append(("policy_test_mode", f"sampled out by pct={record.pct}"))
+            if outcome.disposition is not evaluated:
+                why = ("RejectFailures is off" if not cfg.reject_failures
+                       else "HoldQuarantinedMessages is off")  # fmt: skip
+                overrides.append(("local_policy", why))
+        dkim_used, spf_used = self._dmarc_inputs
+        sigs = tuple((o.domain, o.selector, o.result.value) for o in dkim_used
+                     if o.result is not DkimResult.NONE and o.domain and o.selector
+                     and _reportable(o.domain) and _reportable(o.selector))  # fmt: skip
+        spf = None
+        if spf_used is not None and _reportable(spf_used.domain):
+            scope = "helo" if spf_used.identity is SpfIdentity.HELO else "mfrom"
+            spf = (spf_used.domain, scope, spf_used.result.value)
+        mail_from = self.mail_from or ""
+        envelope_from = mail_from.rpartition("@")[2] if mail_from else ""
+        recipients = [r.rpartition("@")[2] for r in self.recipients if "@" in r]
+        reporter = self.authserv_id if _reportable(self.authserv_id) else self.ctx.authserv_id
+        try:
+            return DmarcEvent(
+                time=self.ctx.clock(),
+                reporter=reporter,
+                source_ip=self.conn.ip,
+                header_from=outcome.from_domain,
+                envelope_from=envelope_from if _reportable(envelope_from) else "",
+                envelope_to=tuple(d for d in recipients if _reportable(d)),
+                policy_domain=outcome.record_domain,
+                p=record.p.value,
+                sp=record.sp.value if record.sp is not None else None,
+                np=record.np.value if record.np is not None else None,
+                adkim=record.adkim,
+                aspf=record.aspf,
+                fo=record.fo,
+                testing=record.testing,
+                discovery_method=self.ctx.org_method.value,
+                disposition=outcome.disposition.value,
+                overrides=tuple(overrides),
+                dkim_aligned="pass" if outcome.dkim_aligned else "fail",
+                spf_aligned="pass" if outcome.spf_aligned else "fail",
+                dkim=sigs,
+                spf=spf,
+                rua=record.rua,
+                ruf=record.ruf,
+            )
+        except ValueError as e:  # a value the record refuses: no record, never lost mail
+            log.debug("%s: no DMARC report record: %s", self.macros.get("i") or "NOQUEUE", e)
+            return None
 
     def _held_spf(self, dmarc_outcome: DmarcOutcome | None) -> str:
         """Why a held SPF reply (SPFRejectAfterDMARC) still applies; empty when it is dropped
@@ -745,6 +825,7 @@ class Transaction:
                                  sender=upstream.spf_mailfrom,
                                  domain=upstream.spf_mailfrom.rpartition("@")[2].lower(),
                                  client_ip=self.conn.ip or "", comment="trusted upstream")
+        self._dmarc_inputs = (dkim, spf)
         # For the null sender SPF's MAIL FROM identity is the HELO name (RFC 7208 §2.4).
         return dmarc.evaluate(ctx.resolver, author, dkim, spf, method=ctx.org_method,
                               psl=ctx.psl, rand=ctx.rand,
@@ -884,6 +965,15 @@ def _describe(o: DkimOutcome) -> str:
 # Folding only: a line break followed by white space. A bare LF anywhere else stays and makes
 # the value unparseable, instead of joining "ceo@bank.example" and ".evil.example".
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+_NOT_IN_NAME = re.compile(r"[\s<>@!]")
+
+
+def _reportable(name: str) -> bool:
+    """A name a DMARC report record takes (a domain or selector: no space, ``<>@!``)."""
+    name = name.strip().rstrip(".")
+    return bool(name) and not _NOT_IN_NAME.search(name)
 
 
 def _unfold(value: bytes) -> str:

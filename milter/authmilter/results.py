@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # dmarc imports this module
+    from authmilter.dmarc import DmarcRecord
 
 
 class DkimResult(StrEnum):
@@ -128,3 +132,5 @@ class DmarcOutcome:
     testing: bool = False
     sampled_out: bool = False
     reason: str | None = None
+    #: The policy record evaluated (for DMARC reports); not part of equality.
+    record: DmarcRecord | None = field(default=None, compare=False, repr=False)

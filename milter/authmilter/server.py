@@ -36,6 +36,7 @@ from authmilter.pipeline import (
     Transaction,
     Verdict,
 )
+from authmilter.reports import store
 from authmilter.supervisor import ACTIVITY, Reloader, Supervisor
 
 log = logging.getLogger("authmilter")
@@ -234,6 +235,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
             metrics.message(verdict.direction.value, verdict.action.value)
             for method, value in verdict.results:
                 metrics.result(method, value)
+            database = self.ctx.config.report_database
+            if database and verdict.dmarc_event is not None:
+                store.record(database, verdict.dmarc_event)  # never blocks nor raises
             return self.apply(verdict)
         finally:
             self._in_flight(False)

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from authmilter import metrics
 from authmilter.config import Config
 from authmilter.pipeline import Context
+from authmilter.reports import store
 
 log = logging.getLogger("authmilter")
 
@@ -125,6 +126,11 @@ class WorkerControl:
     REPLY_FLUSH = 0.2
     #: A connection accepted just before the detach is counted at its first milter command.
     SETTLE = 0.3
+    #: Writing the queued DMARC report records takes at most this long ...
+    FLUSH = 1.0
+    #: ... and ends this long after ``limit + SETTLE + REPLY_FLUSH`` at the latest, inside the
+    #: supervisor's ``STOP_GRACE``.
+    FLUSH_MARGIN = 0.25
 
     def __init__(self, channel: int, listen_fd: int | None, *, stop_wait: float,
                  retire_wait: float, activity: Activity = ACTIVITY) -> None:  # fmt: skip
@@ -179,7 +185,8 @@ class WorkerControl:
 
     def leave(self, what: str, limit: float, why: str) -> None:
         """Stop taking connections, wait up to ``limit`` seconds for ``what`` in flight to
-        end, and exit the process."""
+        end, write the queued DMARC report records if there is time, and exit the process."""
+        started = time.monotonic()
         self.detach()
         with contextlib.suppress(OSError):
             os.write(self.channel, b"d")
@@ -192,6 +199,9 @@ class WorkerControl:
                         "%.0f s; leaving them to the MTA's milter_default_action",
                         os.getpid(), self.activity.messages, self.activity.sessions,
                         limit)  # fmt: skip
+        spent = time.monotonic() - started
+        store.close(min(self.FLUSH, limit + self.SETTLE + self.REPLY_FLUSH + self.FLUSH_MARGIN
+                        - spent))  # fmt: skip
         log.debug("worker %d %s", os.getpid(), why)
         logging.shutdown()
         os._exit(0)
