@@ -94,9 +94,7 @@ class KeyStore:
         :raises ConfigError: for unreadable tables, malformed lines, unreadable or unsafe keys,
             each naming the file:line that named them; for an unknown ``UserID``.
         """
-        account = user_id_account(cfg)
-        trusted = key_owners([account.uid] if account else [])
-        safe = trusted if cfg.require_safe_keys else None
+        safe = config_key_owners(cfg) if cfg.require_safe_keys else None
         entries: dict[str, KeyEntry] = {}
         loaded: dict[str, PrivateKey] = {}
         percent: dict[str, dict[str, PrivateKey]] = {}
@@ -242,6 +240,16 @@ class KeyStore:
                     "file, then reload)")  # fmt: skip
         ident = identity.replace("%", domain) if identity else None
         return SigningKey(entry.name, d, entry.selector, key, ident)
+
+
+def config_key_owners(cfg: Config) -> frozenset[int]:
+    """Who may own keys under ``cfg``: root, the running user and the ``UserID`` user (whom
+    the workers become). The milter, config-test, testkey and rotate all judge by this.
+
+    :raises ConfigError: for an unknown UserID user or group.
+    """
+    account = user_id_account(cfg)
+    return key_owners([account.uid] if account else [])
 
 
 def _split_signer(value: str) -> tuple[str, str | None]:

@@ -38,7 +38,6 @@ from authmilter.keys import (
     PrivateKey,
     bind_txt,
     generate_private_key,
-    key_owners,
     key_record_name,
     key_record_text,
     load_private_key,
@@ -432,7 +431,9 @@ def _default_resolver(ns: argparse.Namespace) -> Resolver | int:
         try:
             config = cli.read_default_config(path, err, f"{PROG} testkey", verbose=ns.verbose > 0)
             if config is not None:
-                ns.key_owners = _key_owners(config)
+                from authmilter.keytable import config_key_owners
+
+                ns.key_owners = config_key_owners(config)
         except ConfigError as exc:
             _say(err, "testkey", str(exc))
             return EXIT_CONFIG
@@ -462,18 +463,6 @@ def _default_resolver(ns: argparse.Namespace) -> Resolver | int:
     except ConfigError as exc:
         _say(err, "testkey", str(exc))
         return EXIT_CONFIG
-
-
-def _key_owners(config: Config) -> frozenset[int]:
-    """Who may own keys under ``config``: as the milter judges them (root, this user, the
-    UserID user).
-
-    :raises ConfigError: for an unknown UserID user or group.
-    """
-    from authmilter.config import user_id_account
-
-    account = user_id_account(config)
-    return key_owners([account.uid] if account else [])
 
 
 def _load_key(
@@ -582,13 +571,13 @@ def run_testkey(ns: argparse.Namespace) -> int:
 def _run_testkey_config(ns: argparse.Namespace) -> int:
     """Test every KeyTable entry of ``ns.config``; exit with the first failure's code."""
     from authmilter.config import load_config
-    from authmilter.keytable import load_key_entries
+    from authmilter.keytable import config_key_owners, load_key_entries
 
     err = sys.stderr
     try:
         config = load_config(ns.config).config
         entries = load_key_entries(ns.config)
-        ns.key_owners = _key_owners(config)
+        ns.key_owners = config_key_owners(config)
     except ConfigError as exc:
         _say(err, "testkey", str(exc))
         return EXIT_CONFIG

@@ -88,14 +88,13 @@ from authmilter.keys import (
     PrivateKey,
     bind_txt,
     generate_private_key,
-    key_owners,
     key_record_name,
     key_record_text,
     load_private_key,
     test_key,
     unsafe_key_file_reason,
 )
-from authmilter.keytable import KeyEntry, load_key_entries, parse_key_entry
+from authmilter.keytable import KeyEntry, config_key_owners, load_key_entries, parse_key_entry
 from authmilter.keytools import (
     _SELECTOR,
     EXIT_CANTCREAT,
@@ -340,11 +339,11 @@ def _load_key(path: str, cfg: Config, err: TextIO, command: str) -> PrivateKey:
     """Load the new private key; unsafe permissions are a warning here (activate's build of
     the configuration applies RequireSafeKeys as the milter does)."""
     try:
-        account = user_id_account(cfg)
+        owners = config_key_owners(cfg)
     except ConfigError as exc:
         raise Refusal(str(exc), EXIT_CONFIG) from None
     try:
-        reason = unsafe_key_file_reason(path, key_owners([account.uid] if account else []))
+        reason = unsafe_key_file_reason(path, owners)
     except OSError:
         reason = None  # load_private_key says why the file cannot be used
     if reason is not None:
