@@ -18,19 +18,24 @@
   domain found in random From text is a host name that really is in the text.
 - **End to end** (``test_e2e_dmarc``, ``test_metrics``): :data:`OUTSIDE`, the client address
   the PROXY header claims, and :func:`message`, a plain message as a sender submits it.
+- **systemd** (``test_service``, ``test_deploy``): :class:`Notifications`, the socket a
+  ``Type=notify`` service reports READY=1 / RELOADING=1 / STOPPING=1 to.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.policy
 import email.utils
 import encodings.idna
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from pathlib import Path
 
 import authres
 import dkim
@@ -465,3 +470,30 @@ def message(from_: str, subject: str, *, extra_from: str | None = None) -> bytes
         raw = f"From: {extra_from}\r\n".encode() + raw
     return raw
 
+
+# -- systemd's side of Type=notify (test_service, test_deploy) -----------------------------
+
+
+class Notifications:
+    """systemd's side of ``Type=notify``: a datagram socket named by ``NOTIFY_SOCKET``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.received: list[str] = []
+        self.seen = 0
+
+    def wait(self, state: str, timeout: float = 30.0) -> list[str]:
+        """Wait for a message holding the line ``state``, among those not yet waited for;
+        returns all received so far."""
+        deadline = time.monotonic() + timeout
+        while not any(state in m.splitlines() for m in self.received[self.seen:]):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {state!r} from the service; got {self.received}"
+            self.sock.settimeout(left)
+            with contextlib.suppress(TimeoutError):
+                self.received.append(self.sock.recv(4096).decode())
+        self.seen = next(i for i in range(self.seen, len(self.received))
+                         if state in self.received[i].splitlines()) + 1  # fmt: skip
+        return self.received

@@ -25,7 +25,6 @@ back to its owner, the ``authmilter`` user removed.
 
 from __future__ import annotations
 
-import contextlib
 import mailbox
 import os
 import pwd
@@ -33,7 +32,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -49,6 +47,7 @@ import pytest
 
 from authmilter.keys import generate_private_key, key_record_text, load_private_key
 from dnsserver import NsdServer, make_zone
+from helpers import Notifications
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = Path("/lib/systemd/system/authmilter.service")
@@ -73,26 +72,6 @@ def package() -> Path:
         pytest.fail("no build/authmilter_*.deb: run `make deb` (make test and make deploy-test "
                     "do)", pytrace=False)  # fmt: skip
     return debs[-1]
-
-
-class Notifications:
-    """systemd's side of Type=notify, for the run without systemd."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.path = path
-        self.count = 0
-
-    def wait(self, state: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {state} from authmilter"
-            self.sock.settimeout(left)
-            with contextlib.suppress(TimeoutError):
-                if state in self.sock.recv(4096).decode().splitlines():
-                    return
 
 
 class Service:

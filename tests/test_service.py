@@ -20,7 +20,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import dkim
 import pytest
 
 from authmilter.keys import key_record_text, load_private_key
+from helpers import Notifications
 from opendkim_fixture import SyslogCatcher
 from postfix_fixture import PostfixInstance, new_socket_dir, process_tree
 
@@ -64,31 +64,6 @@ def service_user() -> Iterator[pwd.struct_passwd]:
     yield pwd.getpwnam(USER)
     subprocess.run(["userdel", USER], capture_output=True, check=False)
     subprocess.run(["groupdel", USER], capture_output=True, check=False)
-
-
-class Notifications:
-    """systemd's side of ``Type=notify``: a datagram socket named by ``NOTIFY_SOCKET``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.received: list[str] = []
-        self.seen = 0
-
-    def wait(self, state: str, timeout: float = 30.0) -> list[str]:
-        """Wait for a message holding the line ``state``, among those not yet waited for;
-        returns all received so far."""
-        deadline = time.monotonic() + timeout
-        while not any(state in m.splitlines() for m in self.received[self.seen:]):
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {state!r} from the service; got {self.received}"
-            self.sock.settimeout(left)
-            with contextlib.suppress(TimeoutError):
-                self.received.append(self.sock.recv(4096).decode())
-        self.seen = next(i for i in range(self.seen, len(self.received))
-                         if state in self.received[i].splitlines()) + 1  # fmt: skip
-        return self.received
 
 
 def outbound(sender: str, n: int) -> EmailMessage:
