@@ -474,6 +474,17 @@ def message(from_: str, subject: str, *, extra_from: str | None = None) -> bytes
 # -- systemd's side of Type=notify (test_service, test_deploy) -----------------------------
 
 
+def only_signature(delivered: bytes, dnsfunc: Callable[..., bytes]) -> tuple[str, str]:
+    """(d=, s=) of the one DKIM-Signature of a delivered message, after checking there is
+    exactly one and that dkimpy verifies it with ``dnsfunc`` (its key-record lookup)."""
+    assert len(re.findall(rb"^DKIM-Signature:", delivered, re.M)) == 1, delivered[:1500]
+    assert dkim.verify(delivered, dnsfunc=dnsfunc), delivered.decode(errors="replace")[:2000]
+    field = re.search(rb"^DKIM-Signature:(.*?)\r?\n(?![ \t])", delivered, re.M | re.S)
+    assert field is not None
+    tags = dict(re.findall(r"\b([ds])=([^;\s]+)", field.group(1).decode()))
+    return tags["d"], tags["s"]
+
+
 class Notifications:
     """systemd's side of ``Type=notify``: a datagram socket named by ``NOTIFY_SOCKET``."""
 
