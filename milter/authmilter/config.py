@@ -348,11 +348,18 @@ DIRECTIVES: tuple[Directive, ...] = (
        "dmarc_domain_whitelist"),  # not policyd-spf's Domain_Whitelist
     _d("DomainWhitelistFile", Kind.STRING, None, M, IG, "ARC is not evaluated by this version."),
     _d("DomainWhitelistSize", Kind.INT, 0, M, IG, "ARC is not evaluated by this version."),
-    _d("FailureReports", Kind.BOOL, False, M, IG, "DMARC failure reports are not sent yet."),
-    _d("FailureReportsBcc", Kind.STRING, None, M, IG, "DMARC failure reports are not sent yet."),
-    _d("FailureReportsOnNone", Kind.BOOL, False, M, IG, "DMARC failure reports are not sent yet."),
-    _d("FailureReportsSentBy", Kind.STRING, None, M, IG, "DMARC failure reports are not sent yet."),
-    _d("HistoryFile", Kind.STRING, None, M, IG, "Aggregate-report history is not kept yet."),
+    _d("FailureReports", Kind.BOOL, False, M, S,
+       "Send RFC 9991 failure reports (AFRF, headers only) to the `ruf=` of a failing "
+       "domain whose `fo=` asks for one; off by default, as OpenDMARC (docs/reports.md)."),
+    _d("FailureReportsBcc", Kind.STRING, None, M, S,
+       "Also send every failure report to this address."),
+    _d("FailureReportsOnNone", Kind.BOOL, False, M, S,
+       "Send failure reports for `p=none` domains too (off: only quarantine and reject)."),
+    _d("FailureReportsSentBy", Kind.STRING, None, M, S,
+       "From address of failure reports; default: ReportSender, else `postmaster@` this host."),
+    _d("HistoryFile", Kind.STRING, None, M, S,
+       "Append OpenDMARC's history records (for `opendmarc-import`) to this file, one block "
+       "per DMARC-evaluated message; written by a background thread, never delaying mail."),
     _d("HoldQuarantinedMessages", Kind.BOOL, False, M, S,
        "Put p=quarantine failures in the MTA's hold queue (with RejectFailures, as OpenDMARC)."),
     _d("IgnoreAuthenticatedClients", Kind.BOOL, False, M, FX,
@@ -446,8 +453,30 @@ DIRECTIVES: tuple[Directive, ...] = (
        "unset (default) = no metrics endpoint."),
     _d("ReportDatabase", Kind.STRING, None, A, S,
        "Record every DMARC-evaluated inbound message for DMARC aggregate reports in this "
-       "database: `sqlite:////absolute/path.db` (the folder must be writable by `UserID`; "
-       "PostgreSQL comes later); unset (default) = nothing is recorded."),
+       "database: `sqlite:////absolute/path.db` (one host; the folder must be writable by "
+       "`UserID`) or `postgresql://user@host/dbname` (a fleet); unset (default) = nothing is "
+       "recorded."),
+    _d("ReportSender", Kind.STRING, None, A, S,
+       "From address of aggregate reports (and of failure reports unless FailureReportsSentBy); "
+       "its domain is the report's receiver domain. Use a subdomain that publishes no `rua`. "
+       "Required by `authmilter reports send`."),
+    _d("ReportOrgName", Kind.STRING, None, A, S,
+       "`org_name` of aggregate reports; default: the domain of ReportSender."),
+    _d("ReportSMTPServer", Kind.STRING, "localhost:25", A, S,
+       "Where reports are submitted: `host:port` (SMTP, default `localhost:25`, so the local "
+       "MTA and this milter sign them) or the absolute path of a sendmail program.",
+       "report_smtp_server"),
+    _d("ReportSkipDomains", Kind.LIST, (), A, S,
+       "Policy domains (and their subdomains) never sent aggregate or failure reports."),
+    _d("ReportSendRate", Kind.INT, 60, A, S,
+       "Aggregate report messages sent per minute, at most, by one `reports send` run."),
+    _d("FailureReportsRedact", Kind.BOOL, False, A, S,
+       "Replace local parts of addresses in failure reports with `redacted` "
+       "(RFC 9991 privacy)."),
+    _d("FailureReportsPerDomain", Kind.INT, 10, A, S,
+       "Failure reports per policy domain per hour, at most (per worker process)."),
+    _d("FailureReportsPerHour", Kind.INT, 100, A, S,
+       "Failure reports per hour in all, at most (per worker process)."),
     _d("SPFRejectAfterDMARC", Kind.BOOL, False, A, S,
        "Hold an SPF reject or defer (HELO_reject, Mail_From_reject …) until the end of the "
        "message and drop it when DMARC passes through an aligned DKIM signature, so forwarded "
@@ -537,6 +566,11 @@ class Config:
     reject_failures: bool = False
     reject_multi_value_from: bool = False
     reject_string: str = "rejected by DMARC policy for %s"
+    failure_reports: bool = False
+    failure_reports_bcc: str | None = None
+    failure_reports_on_none: bool = False
+    failure_reports_sent_by: str | None = None
+    history_file: str | None = None
     spf_ignore_results: bool = False
     trusted_authserv_ids: tuple[str, ...] | None = None
     # policyd-spf
@@ -564,6 +598,14 @@ class Config:
     dns_deadline: int = 20
     metrics_listen: str | None = None
     report_database: str | None = None
+    report_sender: str | None = None
+    report_org_name: str | None = None
+    report_smtp_server: str = "localhost:25"
+    report_skip_domains: tuple[str, ...] = ()
+    report_send_rate: int = 60
+    failure_reports_redact: bool = False
+    failure_reports_per_domain: int = 10
+    failure_reports_per_hour: int = 100
     spf_reject_after_dmarc: bool = False
     # Provenance, not configuration.
     ignored: tuple[tuple[str, str], ...] = field(default=(), compare=False)
@@ -1072,6 +1114,20 @@ def _check_combinations(values: dict[str, Any], where: Mapping[str, Location],
             parse_report_database(database)
         except ValueError as e:
             raise ConfigError(f"ReportDatabase: {e}", where.get("report_database")) from None
+    server = values.get("report_smtp_server")
+    if server is not None:
+        try:
+            parse_report_server(server)
+        except ValueError as e:
+            raise ConfigError(f"ReportSMTPServer: {e}", where.get("report_smtp_server")) from None
+    for attr in ("report_sender", "failure_reports_sent_by", "failure_reports_bcc"):
+        address = values.get(attr)
+        if address is not None and not _plain_address(address):
+            raise ConfigError(f"{_name_of(attr)}: {address!r} is not an address like "
+                              "dmarc-reports@example.net", where.get(attr))  # fmt: skip
+    for attr in ("report_send_rate", "failure_reports_per_domain", "failure_reports_per_hour"):
+        if values.get(attr, 1) < 0:
+            raise ConfigError(f"{_name_of(attr)}: must not be negative", where.get(attr))
     mkb = values.get("minimum_key_bits")
     if mkb is not None and 0 < mkb < 1024:
         warnings.append(ConfigWarning(
@@ -1094,6 +1150,30 @@ def parse_listen(text: str) -> tuple[str, int]:
             ipaddress.ip_address(host)
         except ValueError:
             raise ValueError(f"{host!r} is not an IP address") from None
+    return host, int(port)
+
+
+def _plain_address(text: str) -> bool:
+    local, at, domain = text.strip().rpartition("@")
+    return bool(at and local and "." in domain.strip(".")
+                and not any(c.isspace() or c in "<>,;\"()" for c in text.strip()))
+
+
+def parse_report_server(text: str) -> tuple[str, int] | str:
+    """``ReportSMTPServer``: ``host:port`` (``localhost:25``, ``[::1]:25``) gives
+    ``(host, port)``; an absolute path (a sendmail program) is returned as it is.
+
+    :raises ValueError: neither.
+    """
+    value = text.strip()
+    if value.startswith("/"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65_535 or not host:
+        raise ValueError(f"{text!r} is neither host:port (e.g. localhost:25) nor the absolute "
+                         "path of a sendmail program")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     return host, int(port)
 
 

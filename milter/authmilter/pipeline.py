@@ -27,7 +27,7 @@ from authmilter.dkim_verify import TxtLookup, plan_body_hashes, verify_fields
 from authmilter.errors import AuthmilterError, ConfigError
 from authmilter.keys import KeyAlgorithm
 from authmilter.keytable import KeyStore, SigningKey
-from authmilter.reports.record import DmarcEvent
+from authmilter.reports.record import DmarcEvent, MessageContext, is_report_mail
 from authmilter.results import (
     DkimOutcome,
     DkimProblem,
@@ -128,6 +128,8 @@ class Verdict:
     #: The message as a DMARC report records it: inbound mail whose DMARC result is pass or
     #: fail (a policy record was found and applied); ``None`` otherwise.
     dmarc_event: DmarcEvent | None = None
+    #: With :attr:`dmarc_event`: the message as received, for HistoryFile and failure reports.
+    report_context: MessageContext | None = None
 
 
 # -- the shared, read-only context ------------------------------------------------------------
@@ -698,16 +700,42 @@ class Transaction:
         if self.spf_held is not None and not spf_why:
             log += " (SPF reject dropped: DMARC passed through aligned DKIM)"
         verdict = _verdict(action, edits, log, reply=reply, quarantine=why)
-        # The report record, only when ReportDatabase asks for it; making it never costs mail.
-        if cfg.report_database and dmarc_outcome is not None and evaluated is not None:
+        # The report record, only when reporting asks for it (ReportDatabase, HistoryFile,
+        # FailureReports); making it never costs mail, and report mail gets none.
+        if (reports_wanted(cfg) and dmarc_outcome is not None and evaluated is not None
+                and not self._report_mail()):  # fmt: skip
             try:
                 event = self._dmarc_event(dmarc_outcome, evaluated)
+                context = self._report_context(dmarc_outcome) if event is not None else None
             except Exception:  # noqa: BLE001 - a record is not worth a message
                 logging.getLogger("authmilter").exception("%s: no DMARC report record", qid)
-                event = None
+                event = context = None
             if event is not None:
-                verdict = dataclasses.replace(verdict, dmarc_event=event)
+                verdict = dataclasses.replace(verdict, dmarc_event=event,
+                                              report_context=context)  # fmt: skip
         return verdict
+
+    def _report_mail(self) -> bool:
+        """DMARC report mail (to or from ReportSender, FailureReportsSentBy, or shaped like a
+        report): never recorded, so two sites cannot report on each other's reports."""
+        cfg = self.ctx.config
+        headers = [(n, _unfold(v)) for n, v in self.headers]
+        return is_report_mail(headers, self.mail_from or "", self.recipients,
+                              (cfg.report_sender or "", cfg.failure_reports_sent_by or ""))
+
+    def _report_context(self, outcome: DmarcOutcome) -> MessageContext:
+        """The message as received, for a history block or a failure report."""
+        record = outcome.record
+        assert record is not None
+        return MessageContext(
+            job_id=self.macros.get("i") or "NOQUEUE",
+            pct=record.pct,
+            psd=record.psd,
+            headers=tuple((n, _unfold(v)) for n, v in self.headers),
+            mail_from=self.mail_from or "",
+            recipients=tuple(self.recipients),
+            helo=self.conn.helo or "",
+        )
 
     def _dmarc_event(self, outcome: DmarcOutcome, evaluated: DmarcPolicy) -> DmarcEvent | None:
         """The report record of a DMARC pass or fail (``outcome`` with the applied ``dis=``,
@@ -968,6 +996,11 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 _NOT_IN_NAME = re.compile(r"[\s<>@!]")
+
+
+def reports_wanted(cfg: Config) -> bool:
+    """Whether DMARC-evaluated messages are to yield report records (and contexts)."""
+    return bool(cfg.report_database or cfg.history_file or cfg.failure_reports)
 
 
 def _reportable(name: str) -> bool:

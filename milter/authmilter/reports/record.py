@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,8 @@ __all__ = [
     "POLICIES",
     "SPF_SCOPES",
     "DmarcEvent",
+    "MessageContext",
+    "is_report_mail",
 ]
 
 JSON_VERSION = 1
@@ -262,3 +264,59 @@ class DmarcEvent:
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"DmarcEvent: malformed dict form: {exc!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageContext:
+    """What an OpenDMARC history block and a failure report need beyond the
+    :class:`DmarcEvent`: the message as it came, never stored in the report database.
+
+    :param job_id: the MTA's queue id (``{i}``), ``"NOQUEUE"`` when the MTA gave none.
+    :param pct: ``pct=`` of the policy record used (100 when absent).
+    :param psd: ``psd=`` of the policy record used: ``"y"``, ``"n"`` or ``"u"``.
+    :param headers: the header fields as received, ``(name, value)``, value unfolded text.
+    :param mail_from: the envelope sender (``""`` for ``<>``).
+    :param recipients: the envelope recipients, full addresses.
+    :param helo: the client's HELO/EHLO name (``""`` when none).
+    :param spf_record: the SPF TXT record that gave the SPF result DMARC used, when known.
+    """
+
+    job_id: str
+    pct: int
+    psd: str
+    headers: tuple[tuple[str, str], ...]
+    mail_from: str
+    recipients: tuple[str, ...]
+    helo: str = ""
+    spf_record: str | None = None
+
+
+# Subject of an RFC 9990 aggregate report; a failure report is multipart/report with
+# report-type=feedback-report (RFC 6591).
+_REPORT_SUBJECT = "report domain:"
+
+
+def is_report_mail(headers: Iterable[tuple[str, str]], mail_from: str,
+                   recipients: Iterable[str], report_senders: Iterable[str]) -> bool:
+    """Whether a message is DMARC report mail, about which no report is ever made, so two
+    sites cannot go on reporting on each other's reports: mail from or to one of
+    ``report_senders`` (envelope or From field), an aggregate report (Subject
+    ``Report Domain: …``, RFC 9990) or a failure report (``multipart/report`` with
+    ``report-type=feedback-report``, RFC 6591). Bounces (``report-type=delivery-status``)
+    are ordinary mail."""
+    senders = {s.strip().lower() for s in report_senders if s and s.strip()}
+    if mail_from.strip().lower() in senders:
+        return True
+    if any(r.strip().lower() in senders for r in recipients):
+        return True
+    for name, value in headers:
+        lname = name.strip().lower()
+        text = value.strip().lower()
+        if lname == "subject" and text.startswith(_REPORT_SUBJECT):
+            return True
+        if (lname == "content-type" and text.startswith("multipart/report")
+                and "feedback-report" in text):  # fmt: skip
+            return True
+        if lname == "from" and senders and any(s in text for s in senders):
+            return True
+    return False
