@@ -5,18 +5,24 @@ PYTHON  ?= python3
 VENV    ?= .venv
 CONF    ?= etc/authmilter.conf
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_RUN  = libmilter-dev gcc python3-dev python3-venv
+# libpq5: psycopg (ReportDatabase postgresql://...) loads the system libpq, never its own.
+APT_RUN  = libmilter-dev gcc python3-dev python3-venv libpq5
 # Real parts the test suite drives: Postfix, NSD, and the anchors (OpenDKIM, OpenDMARC,
 # miltertest, policyd-spf); systemd for `systemd-analyze verify` of the unit; man-db and
-# groff-base to check the man pages.
+# groff-base to check the man pages; postgresql for the private server of the ReportDatabase
+# tests (tests/pg_fixture.py runs its own initdb/pg_ctl, never the system cluster).
 APT_TEST = $(APT_RUN) postfix nsd opendkim opendkim-tools miltertest opendmarc \
-           postfix-policyd-spf-python systemd man-db groff-base
+           postfix-policyd-spf-python systemd man-db groff-base postgresql
 
 .PHONY: run test deps-run deps-test venv venv-test lint typecheck check docs clean
 
 EXAMPLE_KEY = keys/example.com/default.private
 
+# The example configuration records DMARC report data in /var/lib/authmilter (made here for
+# the user running the milter, when it does not exist yet).
+REPORT_DIR = /var/lib/authmilter
 run: deps-run venv $(EXAMPLE_KEY)
+	@[ -d $(REPORT_DIR) ] || $(SUDO) install -d -o "$$(id -u)" -g "$$(id -g)" -m 0750 $(REPORT_DIR)
 	$(VENV)/bin/authmilter run -c $(CONF)
 
 # The example configuration signs example.com with a key made on first run (never committed).

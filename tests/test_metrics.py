@@ -129,6 +129,10 @@ def alert_series() -> list[tuple[str, tuple[tuple[str, str], ...]]]:
     out += [series("authmilter_reloads_total", result=r) for r in ("ok", "failed")]
     out += [series("authmilter_report_records_total", outcome=o)
             for o in metrics.REPORT_OUTCOMES]  # fmt: skip
+    out += [series("authmilter_history_records_total", outcome=o)
+            for o in metrics.REPORT_OUTCOMES]  # fmt: skip
+    out += [series("authmilter_failure_reports_total", outcome=o)
+            for o in metrics.FAILURE_OUTCOMES]  # fmt: skip
     return out
 
 

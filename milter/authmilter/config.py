@@ -369,10 +369,12 @@ DIRECTIVES: tuple[Directive, ...] = (
        "Clients whose mail is not DMARC-evaluated (a file path, as OpenDMARC; default "
        "`127.0.0.1`)."),
     _d("IgnoreMailFrom", Kind.LIST, (), M, S, "From domains whose mail is not DMARC-evaluated."),
-    _d("IgnoreMailTo", Kind.LIST, (), M, IG, "Aggregate-report history is not kept yet."),
+    _d("IgnoreMailTo", Kind.LIST, (), M, IG,
+       "Not implemented: every DMARC-evaluated message is recorded (docs/reports.md)."),
     _d("PublicSuffixList", Kind.STRING, None, M, S,
        "PSL file for the organizational domain; default: the list shipped with publicsuffixlist."),
-    _d("RecordAllMessages", Kind.BOOL, False, M, IG, "Aggregate-report history is not kept yet."),
+    _d("RecordAllMessages", Kind.BOOL, False, M, IG,
+       "Only messages with a DMARC pass or fail are recorded (ReportDatabase, HistoryFile)."),
     _d("RejectFailures", Kind.BOOL, False, M, S,
        "Enforce p=reject with 550 5.7.1 (temperror → tempfail)."),
     _d("RejectMultiValueFrom", Kind.BOOL, False, M, S,
@@ -468,6 +470,9 @@ DIRECTIVES: tuple[Directive, ...] = (
        "report_smtp_server"),
     _d("ReportSkipDomains", Kind.LIST, (), A, S,
        "Policy domains (and their subdomains) never sent aggregate or failure reports."),
+    _d("ReportKeepDays", Kind.INT, 31, A, S,
+       "Days of DMARC report records (and of the send queue) kept; `reports send` deletes "
+       "older ones. At least 8 (the week a run looks back over, and the day being recorded)."),
     _d("ReportSendRate", Kind.INT, 60, A, S,
        "Aggregate report messages sent per minute, at most, by one `reports send` run."),
     _d("FailureReportsRedact", Kind.BOOL, False, A, S,
@@ -603,6 +608,7 @@ class Config:
     report_smtp_server: str = "localhost:25"
     report_skip_domains: tuple[str, ...] = ()
     report_send_rate: int = 60
+    report_keep_days: int = 31
     failure_reports_redact: bool = False
     failure_reports_per_domain: int = 10
     failure_reports_per_hour: int = 100
@@ -1114,6 +1120,14 @@ def _check_combinations(values: dict[str, Any], where: Mapping[str, Location],
             parse_report_database(database)
         except ValueError as e:
             raise ConfigError(f"ReportDatabase: {e}", where.get("report_database")) from None
+    if values.get("report_keep_days", 31) < 8:
+        raise ConfigError("ReportKeepDays: at least 8 (reports send looks back over the last "
+                          "7 complete days)", where.get("report_keep_days"))  # fmt: skip
+    history = values.get("history_file")
+    if history is not None and not history.startswith("/"):
+        raise ConfigError(f"HistoryFile: {history!r} is not an absolute path (the workers "
+                          "append to it from their own working directory)",
+                          where.get("history_file"))  # fmt: skip
     server = values.get("report_smtp_server")
     if server is not None:
         try:
@@ -1177,21 +1191,96 @@ def parse_report_server(text: str) -> tuple[str, int] | str:
     return host, int(port)
 
 
-def parse_report_database(url: str) -> str:
-    """``ReportDatabase``: ``sqlite:////absolute/path.db``; returns the file's path.
+@dataclass(frozen=True, slots=True)
+class DatabaseURL:
+    """A parsed ``ReportDatabase`` value (:func:`parse_report_database`).
 
-    :raises ValueError: another scheme (only SQLite is supported so far) or a relative path.
+    ``kind`` is ``"sqlite"`` or ``"postgresql"``; ``target`` the SQLite file's absolute path,
+    or the libpq connection URI as written (it may hold a password: show :attr:`masked`, never
+    ``target``; ``repr`` and ``str`` mask it too).
+    """
+
+    kind: str
+    target: str
+
+    @property
+    def masked(self) -> str:
+        """The URL for messages and logs, any password replaced by ``***``."""
+        if self.kind == "sqlite":
+            return f"sqlite:///{self.target}"
+        return _mask_password(self.target)
+
+    def redact(self, text: str) -> str:
+        """``text`` (an error message, say) with this URL's password, if any, masked."""
+        for secret in _passwords(self.target):
+            text = text.replace(secret, "***")
+        return text
+
+    def __str__(self) -> str:
+        return self.masked
+
+    def __repr__(self) -> str:
+        return f"DatabaseURL({self.kind!r}, {self.masked!r})"
+
+
+# user:password@ in the authority, and password=... among the query parameters (libpq URIs).
+_URI_PASSWORD = re.compile(r"^(?P<head>[A-Za-z]+://[^/?#@:]*:)(?P<secret>[^/?#@]*)(?=@)")
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&#]*)", re.I)
+
+
+def _mask_password(url: str) -> str:
+    url = _URI_PASSWORD.sub(lambda m: m["head"] + "***", url, count=1)
+    return _QUERY_PASSWORD.sub(lambda m: m["head"] + "***", url)
+
+
+def _passwords(url: str) -> list[str]:
+    import urllib.parse
+
+    found = [m["secret"] for m in (_URI_PASSWORD.match(url),) if m is not None]
+    found += [m["secret"] for m in _QUERY_PASSWORD.finditer(url)]
+    both = [s for s in found if s] + [urllib.parse.unquote(s) for s in found if s]
+    return sorted(set(both), key=len, reverse=True)  # the longest first: no half-masked text
+
+
+def parse_report_database(url: str) -> DatabaseURL:
+    """``ReportDatabase``: ``sqlite:////absolute/path.db`` (one host) or a libpq connection URI
+    ``postgresql://[user[:password]@][host][:port][/dbname][?param=value&...]`` (also
+    ``postgres://``; ``?host=/run/postgresql`` for a UNIX socket folder) shared by a fleet.
+
+    The PostgreSQL URI is checked by libpq's own parser (through psycopg), without connecting.
+
+    :raises ValueError: another scheme, a relative SQLite path or a URI libpq refuses; the
+        message never shows the password.
     """
     text = url.strip()
     scheme, sep, rest = text.partition("://")
-    if not sep or scheme.lower() != "sqlite":
-        raise ValueError(f"{text!r}: only sqlite:////absolute/path.db is supported so far "
-                         "(PostgreSQL comes next)")
-    path = rest[1:] if rest.startswith("/") else ""
-    if not path.startswith("/") or path.endswith("/"):
-        raise ValueError(f"{text!r}: the SQLite database must be an absolute file path, "
-                         "written sqlite:////absolute/path.db (four slashes)")
-    return path
+    kind = scheme.lower()
+    if sep and kind == "sqlite":
+        path = rest[1:] if rest.startswith("/") else ""
+        if not path.startswith("/") or path.endswith("/"):
+            raise ValueError(f"{text!r}: the SQLite database must be an absolute file path, "
+                             "written sqlite:////absolute/path.db (four slashes)")
+        return DatabaseURL("sqlite", path)
+    if not sep or kind not in ("postgresql", "postgres"):
+        raise ValueError(f"{_mask_password(text)!r}: expected sqlite:////absolute/path.db or "
+                         "postgresql://user@host/dbname")
+    found = DatabaseURL("postgresql", text)
+    try:
+        from psycopg import Error as PsycopgError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError as e:
+        raise ValueError(f"{found.masked!r}: PostgreSQL needs psycopg and the system libpq "
+                         f"(Debian package libpq5): {e}") from None
+    try:
+        params = conninfo_to_dict(text)
+    except PsycopgError as e:
+        problem = found.redact(str(e).strip())
+        raise ValueError(f"{found.masked!r}: not a valid PostgreSQL connection URI: "
+                         f"{problem}") from None
+    for port in str(params.get("port") or "").split(","):  # libpq checks ports only when used
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{found.masked!r}: {port!r} is not a TCP port")
+    return found
 
 
 def _name_of(field_name: str) -> str:

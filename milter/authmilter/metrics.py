@@ -25,6 +25,13 @@ Metric names (all prefixed ``authmilter_``):
 ``report_records_total{outcome}``         DMARC report records (``ReportDatabase``):
                                           ``written``, ``dropped`` (queue full),
                                           ``failed`` (database error)
+``history_records_total{outcome}``        OpenDMARC history blocks (``HistoryFile``): the
+                                          same outcomes (``failed``: file error)
+``failure_reports_total{outcome}``        DMARC failure reports (``FailureReports``):
+                                          ``sent``, or dropped: ``rate_limited``,
+                                          ``queue_full``, ``no_destination``,
+                                          ``dns_temperror``, ``smtp_failed``, ``stopped``,
+                                          ``error``
 ========================================  ================================================
 
 Every label set these can take is there from the start, at zero (see :func:`_zero`): an
@@ -51,6 +58,8 @@ __all__ = [
     "dns_cache",
     "dns_query",
     "enable",
+    "failure_reports",
+    "history_records",
     "internal_error",
     "message",
     "process_dead",
@@ -76,6 +85,9 @@ DNS_TYPES = ("TXT", "A", "AAAA", "MX", "PTR")
 DNS_OUTCOMES = ("ok", "nodata", "nxdomain", "temperror", "permerror")
 #: What became of a DMARC report record (``reports.store``).
 REPORT_OUTCOMES = ("written", "dropped", "failed")
+#: What became of a DMARC failure report (``reports.failure.OUTCOMES``).
+FAILURE_OUTCOMES = ("sent", "rate_limited", "queue_full", "no_destination", "dns_temperror",
+                    "smtp_failed", "stopped", "error")
 
 _m: _Metrics | None = None
 _dir: str | None = None
@@ -111,6 +123,11 @@ class _Metrics:
         self.report_records = counter("report_records", "DMARC report records, by outcome: "
                                       "written, dropped (queue full) or failed (database "
                                       "error).", ["outcome"])  # fmt: skip
+        self.failure_reports = counter("failure_reports", "DMARC failure reports, by outcome: "
+                                       "sent, or why dropped.", ["outcome"])  # fmt: skip
+        self.history_records = counter("history_records", "OpenDMARC history blocks "
+                                       "(HistoryFile), by outcome: written, dropped (queue "
+                                       "full) or failed (file error).", ["outcome"])  # fmt: skip
 
 
 def _zero(m: _Metrics) -> None:
@@ -145,6 +162,9 @@ def _zero(m: _Metrics) -> None:
         m.reloads.labels(outcome).inc(0)
     for outcome in REPORT_OUTCOMES:
         m.report_records.labels(outcome).inc(0)
+        m.history_records.labels(outcome).inc(0)
+    for outcome in FAILURE_OUTCOMES:
+        m.failure_reports.labels(outcome).inc(0)
 
 
 def enable() -> str:
@@ -255,3 +275,15 @@ def report_records(outcome: str, count: int = 1) -> None:
     """``count`` DMARC report records ``written``, ``dropped`` or ``failed``."""
     if _m is not None and count:
         _m.report_records.labels(outcome).inc(count)
+
+
+def history_records(outcome: str, count: int = 1) -> None:
+    """``count`` OpenDMARC history blocks ``written``, ``dropped`` or ``failed``."""
+    if _m is not None and count:
+        _m.history_records.labels(outcome).inc(count)
+
+
+def failure_reports(outcome: str, count: int = 1) -> None:
+    """``count`` DMARC failure reports ``sent`` or dropped (``outcome`` says why)."""
+    if _m is not None and count:
+        _m.failure_reports.labels(outcome).inc(count)
