@@ -36,7 +36,7 @@ from authmilter.pipeline import (
     Transaction,
     Verdict,
 )
-from authmilter.reports import store
+from authmilter.reports import failure, history, store
 from authmilter.supervisor import ACTIVITY, Reloader, Supervisor
 
 log = logging.getLogger("authmilter")
@@ -238,6 +238,12 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]
             database = self.ctx.config.report_database
             if database and verdict.dmarc_event is not None:
                 store.record(database, verdict.dmarc_event)  # never blocks nor raises
+            history_file = self.ctx.config.history_file
+            if history_file and verdict.dmarc_event and verdict.report_context is not None:
+                history.record(history_file, verdict.dmarc_event, verdict.report_context)  # idem
+            if (self.ctx.config.failure_reports and verdict.dmarc_event is not None
+                    and verdict.report_context is not None):  # fmt: skip
+                failure.record(self.ctx.config, verdict.dmarc_event, verdict.report_context)
             return self.apply(verdict)
         finally:
             self._in_flight(False)

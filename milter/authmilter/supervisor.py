@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from authmilter import metrics
 from authmilter.config import Config
 from authmilter.pipeline import Context
-from authmilter.reports import store
+from authmilter.reports import failure, history, store
 
 log = logging.getLogger("authmilter")
 
@@ -200,8 +200,11 @@ class WorkerControl:
                         os.getpid(), self.activity.messages, self.activity.sessions,
                         limit)  # fmt: skip
         spent = time.monotonic() - started
-        store.close(min(self.FLUSH, limit + self.SETTLE + self.REPLY_FLUSH + self.FLUSH_MARGIN
-                        - spent))  # fmt: skip
+        flushed_by = time.monotonic() + min(self.FLUSH, limit + self.SETTLE + self.REPLY_FLUSH
+                                            + self.FLUSH_MARGIN - spent)  # fmt: skip
+        store.close(flushed_by - time.monotonic())
+        history.close(flushed_by - time.monotonic())  # HistoryFile blocks, in what time is left
+        failure.close(flushed_by - time.monotonic())  # failure reports: send what is queued
         log.debug("worker %d %s", os.getpid(), why)
         logging.shutdown()
         os._exit(0)
