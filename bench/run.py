@@ -932,9 +932,15 @@ def _authmilter_sign(
     return start
 
 
-def _authmilter_verify(workers: int | None = None) -> Callable[[Lab], Milters]:
+def _authmilter_verify(workers: int | None = None, *,
+                       reports: bool = False) -> Callable[[Lab], Milters]:  # fmt: skip
     def start(lab: Lab) -> Milters:
         conf = _authmilter_conf(lab, "v", workers)
+        if reports:
+            # Every message is DMARC-evaluated (pass): one record each, written by the
+            # workers' writer threads into a fresh SQLite file.
+            folder = Path(tempfile.mkdtemp(prefix="reports-", dir=lab.workdir))
+            conf += f"ReportDatabase sqlite:///{folder / 'dmarc.db'}\n"
         return _authmilter(lab, conf, lambda raw: check_results(raw, [AUTHMILTER_ID]))
 
     return start
@@ -959,6 +965,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("authmilter-verify", "verify", "opendkim+opendmarc-verify",
              "authmilter Mode v: DKIM + SPF + DMARC, Workers default",
              _authmilter_verify(), needs_dns=True),
+    Scenario("authmilter-verify-reports", "verify", "authmilter-verify",
+             "authmilter-verify with ReportDatabase (SQLite): one DMARC report record per "
+             "message; its anchor is authmilter-verify (target: ratio at least 0.95)",
+             _authmilter_verify(reports=True), needs_dns=True),
     Scenario("authmilter-verify-w1", "verify", "opendkim+opendmarc-verify",
              "authmilter Mode v, Workers 1", _authmilter_verify(workers=1),
              needs_dns=True, needs_workers=True),

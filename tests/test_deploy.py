@@ -301,7 +301,7 @@ def test_the_package_installs_runs_behind_the_system_postfix_and_purges(machine:
         "sender.test": make_zone("sender.test", [
             ("sel._domainkey", "TXT", _quoted(key_record_text(sender_key))),
             ("@", "TXT", '"v=spf1 ip4:127.0.0.2 -all"'),
-            ("_dmarc", "TXT", '"v=DMARC1; p=reject"')]),
+            ("_dmarc", "TXT", '"v=DMARC1; p=reject; rua=mailto:dmarc@sender.test"')]),
         "bank.test": make_zone("bank.test", [
             ("@", "TXT", '"v=spf1 -all"'), ("_dmarc", "TXT", '"v=DMARC1; p=reject"')]),
     }  # fmt: skip
@@ -344,6 +344,30 @@ def test_the_package_installs_runs_behind_the_system_postfix_and_purges(machine:
             _smtp(_message("ceo@bank.test", "spoof"), source="127.0.0.2")
         assert refused.value.smtp_code == 550, refused.value
         timings["mail"] = time.monotonic() - phase
+
+        # 5b. DMARC report data: the package's ReportDatabase, read back as the milter's user.
+        def as_user(*argv: str) -> str:
+            return sh("runuser", "-u", "authmilter", "--", "authmilter", *argv)
+
+        deadline = time.monotonic() + 30
+        shown = ""
+        while "bank.test" not in shown and time.monotonic() < deadline:
+            time.sleep(0.5)  # each worker writes its queue within a second
+            shown = as_user("reports", "show", "--days", "1")
+        lines = [line.split() for line in shown.splitlines()[1:]]
+        assert ["sender.test", "127.0.0.2", "1", "1", "0", "0", "0"] in lines, shown
+        assert ["bank.test", "127.0.0.2", "1", "0", "1", "0", "1"] in lines, shown
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        conf = CONF.read_text().replace("# ReportSender          dmarc-reports@reports.example.com",
+                                        "ReportSender            dmarc@example.com")
+        CONF.write_text(conf)
+        dry = as_user("reports", "send", "--dry-run", "--period", today)
+        assert f"queued   {today} sender.test:" in dry and "to dmarc@sender.test" in dry, dry
+        assert f"skipped  {today} bank.test: the policy publishes no rua" in dry, dry
+        timer = Path("/lib/systemd/system/authmilter-reports.timer")
+        assert timer.exists() and Path("/lib/systemd/system/authmilter-reports.service").exists()
+        assert not Path("/etc/systemd/system/timers.target.wants/authmilter-reports.timer"
+                        ).exists()  # shipped, not enabled: nothing is sent until asked
 
         # 6. A second domain, then the unit's reload.
         _add_key("example.net", "2026-12")

@@ -235,3 +235,26 @@ def test_the_systemd_unit_is_valid_and_notifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(copy)],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_the_report_timer_and_its_service_are_valid(tmp_path: Path) -> None:
+    """etc/authmilter-reports.{service,timer} pass `systemd-analyze verify`; the service is a
+    oneshot `reports send` as the unprivileged user, the timer is hourly and persistent."""
+    repo = Path(__file__).resolve().parent.parent
+    service = (repo / "etc" / "authmilter-reports.service").read_text()
+    timer = (repo / "etc" / "authmilter-reports.timer").read_text()
+    assert re.search(r"^Type=oneshot$", service, re.M) and re.search(r"^User=authmilter$",
+                                                                      service, re.M)
+    assert re.search(r"^ExecStart=/usr/bin/authmilter reports send -c /etc/authmilter/"
+                     r"authmilter\.conf$", service, re.M)  # fmt: skip
+    assert re.search(r"^OnCalendar=\*-\*-\* \*:15:00 UTC$", timer, re.M)
+    assert re.search(r"^Persistent=true$", timer, re.M)
+    (tmp_path / "authmilter-reports.service").write_text(service.replace(
+        "/usr/bin/authmilter", str(Path(sys.executable).parent / "authmilter")))
+    (tmp_path / "authmilter-reports.timer").write_text(timer)
+    # User=authmilter need not exist here: verify checks the syntax and the executables.
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                             str(tmp_path / "authmilter-reports.timer"),
+                             str(tmp_path / "authmilter-reports.service")],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr

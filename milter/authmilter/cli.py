@@ -1,4 +1,5 @@
-"""The ``authmilter`` command: ``run``, ``config-test``, ``genkey``, ``testkey``, ``check-dmarc``.
+"""The ``authmilter`` command: ``run``, ``config-test``, ``genkey``, ``testkey``, ``check-dmarc``,
+``rotate`` and ``reports``.
 
 This is the only module that reads the environment (host name, argv, streams).
 """
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from authmilter.dmarctools import add_check_dmarc_parser
     from authmilter.keytools import add_genkey_parser, add_testkey_parser
+    from authmilter.reports.commands import add_reports_parser
     from authmilter.rotate import add_rotate_parser
 
     parser = argparse.ArgumentParser(
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_testkey_parser(sub, default_config=DEFAULT_CONFIG)
     add_check_dmarc_parser(sub, default_config=DEFAULT_CONFIG)
     add_rotate_parser(sub, default_config=DEFAULT_CONFIG)
+    add_reports_parser(sub, _add_config_args)
     return parser
 
 

@@ -695,7 +695,14 @@ def program_page() -> str:
     page.item(
         bold("/var/lib/authmilter"),
         "State, owned by the milter's user: `rotate activate` records each activation in "
-        "`rotate/DOMAIN.json` there, for `rotate retire`.",
+        "`rotate/DOMAIN.json` there, for `rotate retire`; the package's `ReportDatabase` is "
+        "`dmarc.db` there.",
+    )
+    page.item(
+        bold("authmilter-reports.timer"),
+        "The systemd timer that runs `authmilter reports send` hourly as the milter's user "
+        "(`authmilter-reports.service`); shipped by the package, not enabled until you "
+        "enable it.",
     )
     page.item(
         bold("/var/spool/postfix/authmilter/authmilter.sock"),

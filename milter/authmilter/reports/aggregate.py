@@ -258,16 +258,20 @@ class AggregateReport:
         """:meth:`to_xml` gzipped, mtime fixed to :attr:`end`, so a resend has the same bytes."""
         return gzip.compress(self.to_xml(), compresslevel=9, mtime=self.end)
 
-    def to_email(self, sender: str | None = None, now: float | None = None) -> EmailMessage:
+    def to_email(self, sender: str | None = None, now: float | None = None,
+                 recipients: Sequence[str] | None = None) -> EmailMessage:  # fmt: skip
         """The report message: a short text part and the gzip as ``application/gzip``.
 
         :param sender: the From address; the reporting org's ``email`` by default.
         :param now: the Date (epoch seconds); the report's :attr:`end` by default, so the same
             report gives the same message.
-        :raises ValueError: no ``mailto:`` URI in :attr:`rua` accepts a report of this size.
+        :param recipients: the To addresses (those :mod:`authmilter.reports.destinations`
+            verified); by default every ``mailto:`` URI of :attr:`rua` that accepts the size.
+        :raises ValueError: no recipient.
         """
         attachment = self.to_gzip()
-        recipients = mailto_recipients(self.rua, _base64_size(len(attachment)))
+        if recipients is None:
+            recipients = mailto_recipients(self.rua, _base64_size(len(attachment)))
         if not recipients:
             raise ValueError(f"{self.policy.domain}: no usable mailto: URI in rua {self.rua!r}")
         msg = EmailMessage(policy=_POLICY)
@@ -377,18 +381,29 @@ def _event_key(event: DmarcEvent) -> tuple[float, str]:
     return event.time, json.dumps(event.to_json(), sort_keys=True)
 
 
-def build_report(events: Sequence[DmarcEvent], org: ReportingOrg, begin: int, end: int,
+def build_report(events: Iterable[DmarcEvent], org: ReportingOrg, begin: int, end: int,
                  org_domain: Callable[[str], str] | None = None) -> AggregateReport:
     """One report from events of a single policy domain (the caller picks them and the period).
 
+    One pass over ``events``, which may be a stream (:func:`authmilter.reports.store.iter_events`):
+    only the grouped records are held, never the events, so memory follows the number of
+    distinct records, not of messages.
+
     :raises ValueError: no events, or events of several policy domains.
     """
-    domains = {e.policy_domain for e in events}
-    if len(domains) != 1:
-        raise ValueError(f"one policy domain per report, got {sorted(domains)}")
-    latest = max(events, key=_event_key)
+    latest: DmarcEvent | None = None
+    reporters: set[str] = set()
     groups: dict[AggregateRecord, int] = {}
     for e in events:
+        if latest is None:
+            latest = e
+        elif e.policy_domain != latest.policy_domain:
+            raise ValueError(f"one policy domain per report, got "
+                             f"{sorted({latest.policy_domain, e.policy_domain})}")  # fmt: skip
+        elif e.time > latest.time or (e.time == latest.time
+                                      and _event_key(e) > _event_key(latest)):  # fmt: skip
+            latest = e
+        reporters.add(e.reporter)
         key = AggregateRecord(
             source_ip=e.source_ip, count=0, disposition=e.disposition,
             dkim_aligned=e.dkim_aligned, spf_aligned=e.spf_aligned, reasons=e.overrides,
@@ -397,11 +412,13 @@ def build_report(events: Sequence[DmarcEvent], org: ReportingOrg, begin: int, en
             dkim=_order_dkim(e.dkim, e.header_from, org_domain), spf=e.spf,
         )
         groups[key] = groups.get(key, 0) + 1
+    if latest is None:
+        raise ValueError("one policy domain per report, got []")
     records = [replace(key, count=n) for key, n in groups.items()]
     records.sort(key=lambda r: (_ip_key(r.source_ip), repr(r)))
     return AggregateReport(
         org=org,
-        report_id=report_id(org, latest.policy_domain, begin, end, (e.reporter for e in events)),
+        report_id=report_id(org, latest.policy_domain, begin, end, reporters),
         begin=begin,
         end=end,
         policy=PolicyPublished.from_event(latest),
