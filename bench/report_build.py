@@ -13,11 +13,14 @@ and in PostgreSQL (docs/performance.md, "Building aggregate reports from 1 M rec
    PostgreSQL's default settings), then ``ANALYZE`` (``VACUUM ANALYZE`` on PostgreSQL), as a
    database that has been in service would be.
 3. Build every report of the day, once per backend and way, each in a fresh process so its
-   peak RSS is its own: ``per-domain`` (one connection; :func:`store.policy_domains`, then
-   one :func:`store.read_events` + :func:`aggregate.daily_reports` per domain, the way
-   ``authmilter reports send`` goes) and ``all-at-once`` (one ``read_events`` of the whole
-   day, then ``daily_reports``); both end with ``to_gzip`` of every report. Each build checks
-   that its reports count every event exactly once.
+   peak RSS is its own: ``streamed`` (one connection; :func:`store.policy_domains`, then per
+   domain :func:`store.iter_events` streamed into :func:`aggregate.build_report`, which holds
+   the grouped records and never the events: the way ``authmilter reports send`` goes; its
+   reading and grouping are one pass, shown as "aggregate"), ``per-domain`` (the same, but each
+   domain's events read into a list first with :func:`store.read_events`, then
+   :func:`aggregate.daily_reports`) and ``all-at-once`` (one ``read_events`` of the whole day,
+   then ``daily_reports``); all end with ``to_gzip`` of every report. Each build checks that
+   its reports count every event exactly once.
 
 One run of each, bounded by ``--records`` (at most 1,000,000). Nothing leaves the machine;
 the temporary folders and the PostgreSQL server are removed at the end.
@@ -58,7 +61,7 @@ BEGIN, _END = aggregate.day_bounds(DAY)
 ORG = aggregate.ReportingOrg("Bench Receiver", "receiver.example", "dmarc@receiver.example")
 MAX_RECORDS = 1_000_000
 LOAD_BATCH = 10_000
-MODES = ("per-domain", "all-at-once")
+MODES = ("streamed", "per-domain", "all-at-once")
 REPORTERS = tuple(f"mx{n}.receiver.example" for n in range(1, 5))
 RECIPIENT_DOMAINS = tuple(f"dept{n}.receiver.example" for n in range(12))
 FORWARDERS = ("lists.forward.example", "alumni.forward.example", "relay.forward.example")
@@ -169,7 +172,19 @@ def build(url: str, mode: str) -> dict[str, Any]:
         reports.extend(built)
 
     end = float(BEGIN + aggregate.DAY_SECONDS)
-    if mode == "per-domain":  # one connection for the run, one query per domain
+    if mode == "streamed":  # as `reports send`: per domain, events streamed into the builder
+        t = time.perf_counter()
+        db = store.open_database(url, readonly=True)
+        domains = store.policy_domains(db, float(BEGIN), end)
+        times["read"] += time.perf_counter() - t
+        for domain in domains:
+            t = time.perf_counter()
+            stream = store.iter_events(db, policy_domain=domain, since=BEGIN, until=end)
+            built = [aggregate.build_report(stream, ORG, BEGIN, _END)]
+            times["aggregate"] += time.perf_counter() - t  # reading and grouping, one pass
+            finish(built)
+        db.close()
+    elif mode == "per-domain":  # one connection for the run, one query per domain
         t = time.perf_counter()
         db = store.open_database(url, readonly=True)
         domains = store.policy_domains(db, float(BEGIN), end)

@@ -346,14 +346,17 @@ def test_the_package_installs_runs_behind_the_system_postfix_and_purges(machine:
         timings["mail"] = time.monotonic() - phase
 
         # 5b. DMARC report data: the package's ReportDatabase, read back as the milter's user.
-        def as_user(*argv: str) -> str:
-            return sh("runuser", "-u", "authmilter", "--", "authmilter", *argv)
+        def as_user(*argv: str, check: bool = True) -> str:
+            return sh("runuser", "-u", "authmilter", "--", "authmilter", *argv, check=check)
 
         deadline = time.monotonic() + 30
         shown = ""
         while "bank.test" not in shown and time.monotonic() < deadline:
-            time.sleep(0.5)  # each worker writes its queue within a second
-            shown = as_user("reports", "show", "--days", "1")
+            time.sleep(0.5)  # each worker writes its queue within a second (the file too)
+            shown = as_user("reports", "show", "--days", "1", check=False)
+        assert sh("authmilter", "reports", "show", "--days", "1") == shown  # root: as UserID
+        db = Path("/var/lib/authmilter/dmarc.db")
+        assert pwd.getpwuid(db.stat().st_uid).pw_name == "authmilter"
         lines = [line.split() for line in shown.splitlines()[1:]]
         assert ["sender.test", "127.0.0.2", "1", "1", "0", "0", "0"] in lines, shown
         assert ["bank.test", "127.0.0.2", "1", "0", "1", "0", "1"] in lines, shown

@@ -237,7 +237,7 @@ def test_effective_lines_show_what_fixed_directives_always_do() -> None:
 
 def test_every_supported_directive_is_consumed_outside_config() -> None:
     """A directive the table calls supported must be read by the code that acts on it."""
-    code = "\n".join(p.read_text() for p in SRC.glob("*.py") if p.name != "config.py")
+    code = "\n".join(p.read_text() for p in SRC.rglob("*.py") if p.name != "config.py")
     # Consumed through what config derives from them: Mode → Config.signing / .verifying;
     # On-Default fills every On-* directive not set (test_config covers that).
     derived = {"mode": ("signing", "verifying"), "on_default": ("on_bad_signature",)}

@@ -412,7 +412,7 @@ def test_an_unwritable_file_counts_failures_and_a_later_batch_gets_through(
         writer._write(items(2))
     assert (writer.written, writer.failed) == (0, 5) and counted == {"failed": 5}
     assert [r.getMessage() for r in caplog.records] == [
-        f"DMARC report records: HistoryFile {path}: cannot write 3 block(s): "
+        f"HistoryFile {path}: cannot write 3 block(s): "
         f"[Errno 20] Not a directory: '{path}'"]
     blocker.unlink()
     blocker.mkdir()

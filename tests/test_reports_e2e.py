@@ -151,3 +151,31 @@ def test_reports_are_built_signed_delivered_and_read_by_parsedmarc(world: World)
     finally:
         postfix.stop()
         milter.cleanup()
+
+
+def test_a_sendmail_program_as_report_smtp_server(tmp_path: Path) -> None:
+    """ReportSMTPServer /path/to/sendmail: Postfix's own sendmail (pointed at the test
+    instance with -C) takes the report; it arrives at the sink. A program that fails is a
+    permanent SubmitError (exit 75, EX_TEMPFAIL, would be temporary)."""
+    from email.message import EmailMessage
+
+    from authmilter.reports.submit import SubmitError, submit
+
+    postfix = PostfixInstance(None).start()
+    try:
+        wrapper = tmp_path / "sendmail"
+        wrapper.write_text(f'#!/bin/sh\nexec /usr/sbin/sendmail -C {postfix.config_dir} "$@"\n')
+        wrapper.chmod(0o755)
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = SENDER, "agg@good.test", "Report Domain: x"
+        msg.set_content("report\n")
+        done = submit(msg, SENDER, ["agg@good.test"], str(wrapper))
+        assert done.accepted == ("agg@good.test",) and done.refused == {}
+        delivered = postfix.sink.wait(1, timeout=60)
+        assert delivered is not None and delivered[0].rcpt_to == ("agg@good.test",)
+        assert delivered[0].mail_from == SENDER and b"Report Domain: x" in delivered[0].data
+        with pytest.raises(SubmitError) as failed:
+            submit(msg, SENDER, ["agg@good.test"], "/bin/false")
+        assert not failed.value.temporary
+    finally:
+        postfix.stop()

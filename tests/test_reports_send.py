@@ -343,6 +343,10 @@ def test_report_mail_is_recognised() -> None:
     senders = ("dmarc@reports.receiver.test",)
     assert is_report_mail([], "dmarc@reports.receiver.test", [], senders)
     assert is_report_mail([], "x@y.test", ["DMARC@reports.receiver.test"], senders)
+    assert is_report_mail([("From", "Reports <DMARC@reports.receiver.test>")], "x@y.test", [],
+                          senders)  # fmt: skip
+    assert not is_report_mail([("From", "<xdmarc@reports.receiver.test>")], "x@y.test", [],
+                              senders)  # fmt: skip
     assert is_report_mail([("Subject", "Report Domain: a.test Submitter: b.test Report-ID: 1")],
                           "x@y.test", [], ())
     assert is_report_mail([("Content-Type", 'multipart/report; report-type=feedback-report')],
@@ -414,3 +418,44 @@ def test_records_and_reports_older_than_report_keep_days_are_pruned(
     assert later.pruned == (1, 1) and store.read_events(url) == [] and states(url) == {}
     with pytest.raises(ConfigError, match="ReportKeepDays: at least 8"):
         config(url, "ReportKeepDays 7\n")
+
+
+def test_a_domain_with_only_subdomain_traffic_gets_its_report(url: str,
+                                                               resolver: ZoneResolver) -> None:
+    """Mail only from news.brand2.test, whose policy is brand2.test's record (sp=): one report
+    for brand2.test, whose records name the subdomain as header_from."""
+    put(url, [ev("brand2.test", header_from="news.brand2.test", envelope_from="news.brand2.test",
+                 sp="quarantine", disposition="quarantine", dkim_aligned="fail",
+                 spf_aligned="fail", dkim=(), spf=("news.brand2.test", "mfrom", "fail"))] * 2)
+    outbox = Outbox()
+    summary = go(url, resolver, outbox)
+    assert [d for _day, d, _ in summary.sent] == ["brand2.test"]
+    msg = message_from_bytes(outbox.sent[0][0], policy=SMTP)
+    (part,) = [p for p in msg.walk() if p.get_content_type() == "application/gzip"]
+    xml = gzip.decompress(part.get_content()).decode()
+    assert "<domain>brand2.test</domain>" in xml and "<sp>quarantine</sp>" in xml
+    assert "<header_from>news.brand2.test</header_from>" in xml and "<count>2</count>" in xml
+    assert "<disposition>quarantine</disposition>" in xml
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    ("ReportSMTPServer localhost", "neither host:port"),
+    ("ReportSender reports", "is not an address"),
+    ("FailureReportsBcc <a@b.test>", "is not an address"),
+    ("HistoryFile var/lib/dmarc.hist", "is not an absolute path"),
+    ("ReportSendRate -1", "is not a non-negative integer"),
+])  # fmt: skip
+def test_bad_reporting_directives_name_file_and_line(tmp_path: Path, line: str, why: str) -> None:
+    conf = tmp_path / "authmilter.conf"
+    conf.write_text(f"Mode v\n{line}\n")
+    done = cli("config-test", "-c", str(conf))
+    assert done.returncode == 78 and f"{conf}:2" in done.stderr and why in done.stderr, done.stderr
+
+
+def test_a_database_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    conf = tmp_path / "authmilter.conf"
+    conf.write_text("ReportDatabase sqlite:////nonexistent/folder/dmarc.db\n"
+                    "ReportSender dmarc@reports.receiver.test\n")
+    done = cli("reports", "send", "-c", str(conf))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "/nonexistent/folder/dmarc.db" in done.stderr

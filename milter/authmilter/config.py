@@ -1139,9 +1139,6 @@ def _check_combinations(values: dict[str, Any], where: Mapping[str, Location],
         if address is not None and not _plain_address(address):
             raise ConfigError(f"{_name_of(attr)}: {address!r} is not an address like "
                               "dmarc-reports@example.net", where.get(attr))  # fmt: skip
-    for attr in ("report_send_rate", "failure_reports_per_domain", "failure_reports_per_hour"):
-        if values.get(attr, 1) < 0:
-            raise ConfigError(f"{_name_of(attr)}: must not be negative", where.get(attr))
     mkb = values.get("minimum_key_bits")
     if mkb is not None and 0 < mkb < 1024:
         warnings.append(ConfigWarning(

@@ -2,7 +2,8 @@
 
 Both read the configuration exactly as ``authmilter run`` does (``-c FILE``, or a user's
 ``--opendkim-conf`` / ``--opendmarc-conf`` / ``--policyd-spf-conf``), so the database, the
-resolver and the organizational-domain method are the milter's own.
+resolver and the organizational-domain method are the milter's own; started as root, they run
+as its ``UserID``, as the workers that write the database do.
 
 ``show`` is where a postmaster looks first: per policy domain and source IP, the messages of the
 last days and how many passed DMARC, failed it, were quarantined and were rejected. With
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -84,6 +86,19 @@ def _resolver(cfg: Config) -> object:
         raise ConfigError(f"Nameservers: {e}", cfg.location("nameservers")) from None
 
 
+def _as_user_id(cfg: Config) -> None:
+    """Started as root, become the ``UserID`` user, as the workers that write the database
+    are: a database file (or SQLite's ``-wal``/``-shm``) made by root would lock them out."""
+    from authmilter.config import user_id_account
+    from authmilter.server import drop_privileges
+
+    if os.geteuid() != 0:
+        return
+    account = user_id_account(cfg)
+    if account is not None:
+        drop_privileges(account)
+
+
 def cmd_send(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """``authmilter reports send``."""
     from authmilter.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_from_args
@@ -93,6 +108,7 @@ def cmd_send(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys
         print("authmilter: reports send: --out needs --dry-run", file=err)
         return EXIT_USAGE
     cfg = load_from_args(ns, err).config
+    _as_user_id(cfg)
     resolver = _resolver(cfg)
     summary = send.run(cfg, resolver, org_domain_function(cfg, resolver),  # type: ignore[arg-type]
                        period=ns.period, dry_run=ns.dry_run, out=ns.out)  # fmt: skip
@@ -142,6 +158,7 @@ def cmd_show(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys
         print("authmilter: reports show: --days must be 1 or more", file=err)
         return EXIT_USAGE
     cfg = load_from_args(ns, err).config
+    _as_user_id(cfg)
     url = send.database_url(cfg)
     if ns.queue:
         print(f"{'day':<10}  {'policy domain':<30} {'state':<8} {'tries':>5}  detail", file=out)

@@ -21,6 +21,7 @@ import ipaddress
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from email.utils import getaddresses
 from typing import Any
 
 from authmilter.results import DkimResult, SpfResult
@@ -317,6 +318,7 @@ def is_report_mail(headers: Iterable[tuple[str, str]], mail_from: str,
         if (lname == "content-type" and text.startswith("multipart/report")
                 and "feedback-report" in text):  # fmt: skip
             return True
-        if lname == "from" and senders and any(s in text for s in senders):
+        if lname == "from" and senders and any(
+                addr.lower() in senders for _name, addr in getaddresses([value])):  # fmt: skip
             return True
     return False

@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 from authmilter.config import Config
 from authmilter.dkim_verify import TxtLookup
-from authmilter.errors import ConfigError, DNSTempError
+from authmilter.errors import AuthmilterError, ConfigError, DNSTempError
 from authmilter.reports import store
 from authmilter.reports.aggregate import (
     DAY_SECONDS,
@@ -312,12 +312,17 @@ def _put(env: _Env, domain: str, iso: str, rid: str, state: str, to_json: str, m
 
 
 def _write_dry_run(env: _Env, out: str, report: AggregateReport, data: bytes) -> None:
-    os.makedirs(out, exist_ok=True)
-    for name, content in ((report.filename, report.to_gzip()), (f"{report.report_id}.eml", data)):
-        path = os.path.join(out, name)
-        with open(path, "wb") as f:
-            f.write(content)
-        env.summary.written.append(path)
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name, content in ((report.filename, report.to_gzip()),
+                              (f"{report.report_id}.eml", data)):  # fmt: skip
+            path = os.path.join(out, name)
+            with open(path, "wb") as f:
+                f.write(content)
+            env.summary.written.append(path)
+    except OSError as e:
+        raise AuthmilterError(f"reports send --out {out}: {e.strerror or e} (the run is "
+                              f"user {os.geteuid()})") from None
 
 
 # -- step 2: sending ---------------------------------------------------------------------------

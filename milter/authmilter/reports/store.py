@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from authmilter import metrics
 from authmilter.config import DatabaseURL, parse_report_database
+from authmilter.errors import AuthmilterError
 from authmilter.reports.record import DmarcEvent
 
 if TYPE_CHECKING:
@@ -110,10 +111,11 @@ _STOP = object()  # wakes the thread at close()
 Row = tuple[Any, ...]
 
 
-class DatabaseError(Exception):
+class DatabaseError(AuthmilterError):
     """The database cannot be opened, read or written. The driver's exception
     (:class:`sqlite3.Error`, :class:`psycopg.Error`, :class:`OSError`) is the ``__cause__``; the
-    message names the database without its password."""
+    message names the database without its password. An :class:`AuthmilterError`, so the
+    ``reports`` commands say it in one line and exit 1."""
 
 
 # -- the database API ----------------------------------------------------------------------------
@@ -235,6 +237,10 @@ class _SQLite(Database):
     def __init__(self, url: DatabaseURL, *, timeout: float, readonly: bool) -> None:
         super().__init__(url)
         path = url.target
+        if readonly and not os.path.exists(path):
+            raise DatabaseError(f"{url.masked}: no such file: nothing has been recorded yet (the "
+                                "milter's workers create it at the first DMARC-evaluated "
+                                "message)")  # fmt: skip
         target = f"file:{urllib.parse.quote(path)}{'?mode=ro' if readonly else ''}"
         with self._errors():
             self._db = sqlite3.connect(target, uri=True, timeout=timeout, isolation_level=None,
