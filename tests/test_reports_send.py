@@ -459,3 +459,20 @@ def test_a_database_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path: Path)
     done = cli("reports", "send", "-c", str(conf))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "/nonexistent/folder/dmarc.db" in done.stderr
+
+
+def test_an_unreadable_record_is_left_out_not_the_report(url: str, resolver: ZoneResolver,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    put(url, [ev(), ev(source_ip="192.0.2.2")])
+    db = store.open_database(url)
+    with db.transaction():
+        db.execute("INSERT INTO dmarc_events (time, policy_domain, event) VALUES (?, ?, ?)",
+                   (BEGIN + 60.0, "sender.test", '{"v": 99}'))  # another version's row
+    db.close()
+    outbox = Outbox()
+    summary = go(url, resolver, outbox)
+    assert [d for _day, d, _ in summary.sent] == ["sender.test"]
+    xml = gzip.decompress([p for p in message_from_bytes(outbox.sent[0][0], policy=SMTP).walk()
+                           if p.get_content_type() == "application/gzip"][0].get_content())
+    assert xml.count(b"<count>1</count>") == 2
+    assert "1 unreadable record(s) left out" in caplog.text

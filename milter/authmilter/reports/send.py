@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import json
 import logging
 import os
@@ -208,19 +209,11 @@ def run(cfg: Config, resolver: TxtLookup, org_domain: Callable[[str], str], *,
         for day in days:
             _queue_day(env, day, force=period is not None, dry_run=dry_run, out=out)
         if not dry_run:
-            _send_queued(env, submit_fn or _default_submit(), sleep)
+            _send_queued(env, submit_fn or submit, sleep)
             _prune(env)
     finally:
         db.close()
     return summary
-
-
-def _default_submit() -> Submit:
-    def send(message: bytes, envelope_from: str, recipients: Sequence[str],
-             server: str) -> Submitted:  # fmt: skip
-        return submit(message, envelope_from, recipients, server)
-
-    return send
 
 
 # -- step 1: building and queueing -------------------------------------------------------------
@@ -245,12 +238,17 @@ def _queue_report(env: _Env, day: dt.date, domain: str, *, force: bool, dry_run:
     if skip is not None:
         _skip(env, iso, domain, f"ReportSkipDomains {skip}", dry_run, force)
         return
+    unreadable: list[str] = []
     events = store.iter_events(env.db, policy_domain=domain, since=float(begin),
-                               until=float(begin + DAY_SECONDS))  # fmt: skip
-    try:
-        report = build_report(events, env.org, begin, end, env.org_domain)
-    except ValueError:
-        return  # no events after all (pruned meanwhile)
+                               until=float(begin + DAY_SECONDS), unreadable=unreadable)
+    first = next(events, None)
+    report = None if first is None else build_report(
+        itertools.chain([first], events), env.org, begin, end, env.org_domain)
+    if unreadable:
+        log.warning("reports: %s %s: %d unreadable record(s) left out, the first: %s", iso,
+                    domain, len(unreadable), unreadable[0])  # fmt: skip
+    if report is None:
+        return  # nothing readable that day
     if not report.rua:
         _skip(env, iso, domain, "the policy publishes no rua", dry_run, force)
         return

@@ -445,8 +445,8 @@ def _reading(source: str | Database) -> Iterator[Database]:
 
 
 def iter_events(source: str | Database, *, policy_domain: str | None = None,
-                since: float = 0.0, until: float = float("inf"),
-                chunk: int = 5000) -> Iterator[DmarcEvent]:  # fmt: skip
+                since: float = 0.0, until: float = float("inf"), chunk: int = 5000,
+                unreadable: list[str] | None = None) -> Iterator[DmarcEvent]:  # fmt: skip
     """The events with ``since <= time < until``, of one policy domain or all, in time order
     (ties in the order written), read ``chunk`` rows at a time.
 
@@ -456,8 +456,12 @@ def iter_events(source: str | Database, *, policy_domain: str | None = None,
 
     :param source: a ``ReportDatabase`` URL (opened read-only for the iteration) or an open
         :class:`Database`.
+    :param unreadable: given, a row that is not a valid :class:`DmarcEvent` (another
+        version's format, a hand edit) is skipped and why is appended here, so one bad row
+        cannot cost a domain its report; otherwise it raises.
     :raises DatabaseError: the database cannot be read.
-    :raises ValueError: a bad URL, or a stored event that is not a valid :class:`DmarcEvent`.
+    :raises ValueError: a bad URL, or (without ``unreadable``) a stored event that is not a
+        valid :class:`DmarcEvent`.
     """
     sql = "SELECT event FROM dmarc_events WHERE time >= ? AND time < ?"
     args: list[object] = [since, until if until != float("inf") else _NO_END]
@@ -466,7 +470,15 @@ def iter_events(source: str | Database, *, policy_domain: str | None = None,
         args.append(policy_domain.lower().rstrip("."))
     with _reading(source) as db:
         for (text,) in db.stream(sql + " ORDER BY time, id", args, chunk=chunk):
-            yield DmarcEvent.from_json(json.loads(text))
+            if unreadable is None:
+                yield DmarcEvent.from_json(json.loads(text))
+                continue
+            try:
+                event = DmarcEvent.from_json(json.loads(text))
+            except ValueError as e:  # json.JSONDecodeError is one too
+                unreadable.append(str(e))
+                continue
+            yield event
 
 
 def read_events(source: str | Database, *, policy_domain: str | None = None, since: float = 0.0,
