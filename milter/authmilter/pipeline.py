@@ -128,7 +128,8 @@ class Verdict:
     #: The message as a DMARC report records it: inbound mail whose DMARC result is pass or
     #: fail (a policy record was found and applied); ``None`` otherwise.
     dmarc_event: DmarcEvent | None = None
-    #: With :attr:`dmarc_event`: the message as received, for HistoryFile and failure reports.
+    #: With :attr:`dmarc_event`, when HistoryFile or FailureReports is on: the message as
+    #: received, for them.
     report_context: MessageContext | None = None
 
 
@@ -706,7 +707,9 @@ class Transaction:
                 and not self._report_mail()):  # fmt: skip
             try:
                 event = self._dmarc_event(dmarc_outcome, evaluated)
-                context = self._report_context(dmarc_outcome) if event is not None else None
+                # The message as received: only HistoryFile and failure reports read it.
+                context = (self._report_context(dmarc_outcome) if event is not None and (
+                    cfg.history_file or cfg.failure_reports) else None)
             except Exception:  # noqa: BLE001 - a record is not worth a message
                 logging.getLogger("authmilter").exception("%s: no DMARC report record", qid)
                 event = context = None
@@ -719,7 +722,8 @@ class Transaction:
         """DMARC report mail (to or from ReportSender, FailureReportsSentBy, or shaped like a
         report): never recorded, so two sites cannot report on each other's reports."""
         cfg = self.ctx.config
-        headers = [(n, _unfold(v)) for n, v in self.headers]
+        headers = [(n, _unfold(v)) for n, v in self.headers
+                   if n.lower() in ("from", "subject", "content-type")]  # what it looks at
         return is_report_mail(headers, self.mail_from or "", self.recipients,
                               (cfg.report_sender or "", cfg.failure_reports_sent_by or ""))
 

@@ -172,9 +172,8 @@ def cmd_show(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys
                   f"{row['attempts']:>5}  {detail}", file=out)  # fmt: skip
         return EXIT_OK
     now = time.time()
-    events = store.read_events(url, policy_domain=ns.domain, since=now - ns.days * 86400.0,
-                               until=now + 1)  # fmt: skip
-    rows = show_rows(events)
+    rows = show_rows(store.iter_events(url, policy_domain=ns.domain,  # streamed: counts only
+                                       since=now - ns.days * 86400.0, until=now + 1))
     print(f"{'policy domain':<30} {'source IP':<39} {'msgs':>7} {'pass':>7} {'fail':>7} "
           f"{'quar':>7} {'reject':>7}", file=out)  # fmt: skip
     for r in rows:
