@@ -7,6 +7,7 @@ installs the Debian packages the suite drives.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 import pytest
@@ -78,3 +79,29 @@ def blackhole_dns() -> Iterator[BlackholeDns]:
         pytest.fail(f"cannot start the black-hole DNS server: {problem}", pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def restore_tz() -> Iterator[None]:
+    """Put the process's time zone (TZ) back after a test that changes it."""
+    old = os.environ.get("TZ")
+    yield
+    if old is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """What the report-record writer tells the metrics, by outcome."""
+    from authmilter import metrics
+
+    seen: dict[str, int] = {}
+
+    def report_records(outcome: str, count: int = 1) -> None:
+        seen[outcome] = seen.get(outcome, 0) + count
+
+    monkeypatch.setattr(metrics, "report_records", report_records)
+    return seen

@@ -16,7 +16,6 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -251,17 +250,6 @@ def test_day_bounds_and_other_days_ignored() -> None:
     assert (report.begin, report.end) == (BEGIN, BEGIN + 86399)
     assert sum(r.count for r in report.records) == 2
     assert daily_reports(events, dt.date(2026, 3, 20), ORG) == []
-
-
-@pytest.fixture
-def restore_tz() -> Iterator[None]:
-    old = os.environ.get("TZ")
-    yield
-    if old is None:
-        os.environ.pop("TZ", None)
-    else:
-        os.environ["TZ"] = old
-    time.tzset()
 
 
 @pytest.mark.usefixtures("restore_tz")

@@ -26,7 +26,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pg_fixture
-from authmilter import metrics
 from authmilter.config import Config, DatabaseURL, parse_report_database
 from authmilter.errors import ConfigError
 from authmilter.reports import aggregate, store
@@ -64,18 +63,6 @@ def ev(n: int, *, domain: str = "example.com", reporter: str = "mx1.fleet.test",
         testing=False, discovery_method="psl", disposition="none", overrides=(),
         dkim_aligned="pass", spf_aligned="pass", dkim=((domain, "s1", "pass"),),
         spf=(domain, "mfrom", "pass"), rua=(f"mailto:dmarc@{domain}",), ruf=())
-
-
-@pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """What the writer tells the metrics, by outcome."""
-    seen: dict[str, int] = {}
-
-    def report_records(outcome: str, count: int = 1) -> None:
-        seen[outcome] = seen.get(outcome, 0) + count
-
-    monkeypatch.setattr(metrics, "report_records", report_records)
-    return seen
 
 
 # -- the URL ------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import Milter
 import pytest
 from Milter.testctx import TestCtx as MilterCtx
 
-from authmilter import metrics
 from authmilter.config import Action, Config
 from authmilter.errors import ConfigError
 from authmilter.keys import key_record_text
@@ -220,18 +219,6 @@ def test_report_database_errors_name_file_and_line(url: str, why: str) -> None:
 
 def events(n: int) -> list[DmarcEvent]:
     return [DmarcEvent.from_json({**expected().to_json(), "time": NOW + i}) for i in range(n)]
-
-
-@pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """What the writer tells the metrics, by outcome."""
-    seen: dict[str, int] = {}
-
-    def report_records(outcome: str, count: int = 1) -> None:
-        seen[outcome] = seen.get(outcome, 0) + count
-
-    monkeypatch.setattr(metrics, "report_records", report_records)
-    return seen
 
 
 def test_events_are_written_in_batches_to_a_wal_database(tmp_path: Path,

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from email import message_from_bytes
 from email.policy import SMTP
 from pathlib import Path
@@ -123,17 +123,6 @@ def states(url: str) -> dict[tuple[str, str], tuple[str, int]]:
 
 
 # -- days ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_tz() -> Iterator[None]:
-    old = os.environ.get("TZ")
-    yield
-    if old is None:
-        os.environ.pop("TZ", None)
-    else:
-        os.environ["TZ"] = old
-    time.tzset()
 
 
 @pytest.mark.parametrize("zone", ["UTC", "Pacific/Kiritimati", "Pacific/Pago_Pago"])

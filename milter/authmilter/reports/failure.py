@@ -80,11 +80,9 @@ writes AFRF reports (parsedmarc, which the tests read every report back with, on
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime as dt
 import logging
 import os
-import queue
 import re
 import textwrap
 import threading
@@ -93,7 +91,7 @@ from collections.abc import Callable, Iterable, Sequence
 from email.message import EmailMessage, MIMEPart
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
-from typing import cast
+from typing import Any, cast
 
 import authres
 import authres.dmarc
@@ -101,6 +99,7 @@ import authres.dmarc
 from authmilter import __version__, dmarc, metrics
 from authmilter.config import Config
 from authmilter.errors import DNSTempError
+from authmilter.reports.background import Background
 from authmilter.reports.destinations import (
     Destinations,
     check_destinations,
@@ -492,12 +491,10 @@ class RateLimit:
 # -- sending ----------------------------------------------------------------------------------
 
 
-_STOP = object()
-
 Job = tuple[DmarcEvent, MessageContext, str]
 
 
-class FailureReporter:
+class FailureReporter(Background):
     """The queue and the sending thread of one process.
 
     :param cfg: the configuration (FailureReports* directives, ReportSMTPServer, Nameservers).
@@ -514,27 +511,24 @@ class FailureReporter:
     MAXSIZE = 1000
     #: Seconds the MTA has to take one report.
     SMTP_TIMEOUT = 30.0
+    THREAD_NAME = "authmilter-failure-reports"
 
     def __init__(self, cfg: Config, *, resolver: dmarc.DnsLookup | None = None,
                  org_domain: Callable[[str], str] | None = None, maxsize: int = MAXSIZE,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, smtp_timeout: float = SMTP_TIMEOUT,
                  start: bool = True) -> None:  # fmt: skip
+        # One report at a time: each is checked and submitted on its own.
+        super().__init__(maxsize=maxsize, batch=1, interval=0.0, start=start)
         self.cfg = cfg
-        self.pid = os.getpid()
         self.limit = RateLimit(cfg.failure_reports_per_domain, cfg.failure_reports_per_hour,
                                clock=clock)  # fmt: skip
-        self.queue: queue.Queue[object] = queue.Queue(maxsize)
         self.counts: collections.Counter[str] = collections.Counter()
         self.warn = RateLimitedLog("DMARC failure report ")
         self.wall = wall
         self.smtp_timeout = smtp_timeout
         self._resolver = resolver
         self._org_domain = org_domain
-        self._autostart = start
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closing = False
 
     # -- the milter's side --------------------------------------------------------------------
 
@@ -547,58 +541,17 @@ class FailureReporter:
         if full is not None:
             self._drop("rate_limited", f"for {event.policy_domain} not sent: {full}")
             return False
-        if self._autostart and self._thread is None:
-            self.start()
-        if not self._closing:
-            try:
-                self.queue.put_nowait((event, context, why))
-                return True
-            except queue.Full:
-                pass
+        if self.offer((event, context, why)):
+            return True
         self._drop("queue_full", f"for {event.policy_domain} dropped: queue of "
                                  f"{self.queue.maxsize} full or sender stopped")  # fmt: skip
         return False
 
-    def start(self) -> None:
-        """Start the sending thread (once)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="authmilter-failure-reports")  # fmt: skip
-                self._thread.start()
+    def left_at_stop(self, n: int) -> None:
+        self._drop("stopped", f"not sent: {n} report(s) still queued at the stop", n)
 
-    def close(self, timeout: float = 1.0) -> bool:
-        """Send what is queued and stop the thread, waiting at most ``timeout`` seconds.
-
-        :returns: whether the queue was worked off in time; what is left is counted as
-            ``stopped``.
-        """
-        self._closing = True
-        self.start()
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(_STOP)
-        assert self._thread is not None
-        self._thread.join(max(0.0, timeout))
-        if self._thread.is_alive():
-            left = sum(1 for item in list(self.queue.queue) if item is not _STOP)
-            if left:
-                self._drop("stopped", f"not sent: {left} report(s) still queued at the stop",
-                           left)  # fmt: skip
-            return False
-        return True
-
-    # -- the thread ---------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self.queue.get(timeout=0.1 if self._closing else 1.0)
-            except queue.Empty:
-                if self._closing:  # the stop could not be queued (queue full): drained now
-                    return
-                continue
-            if item is _STOP:
-                return
+    def handle(self, items: list[Any]) -> None:
+        for item in items:
             event, context, why = cast(Job, item)
             try:
                 self._send(event, context, why)

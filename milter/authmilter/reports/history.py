@@ -82,11 +82,12 @@ import contextlib
 import fcntl
 import logging
 import os
-import queue
 import threading
 import time
+from typing import Any
 
 from authmilter import metrics
+from authmilter.reports.background import Background
 from authmilter.reports.record import DmarcEvent, MessageContext
 from authmilter.reports.store import RateLimitedLog
 
@@ -175,10 +176,9 @@ def format_block(event: DmarcEvent, context: MessageContext) -> str:
 
 
 _Item = tuple[DmarcEvent, MessageContext]
-_STOP = object()  # wakes the thread at close()
 
 
-class HistoryWriter:
+class HistoryWriter(Background):
     """The queue and the writing thread of one process for one history file.
 
     :param path: the history file (created with mode :data:`FILE_MODE` if missing).
@@ -193,100 +193,34 @@ class HistoryWriter:
     INTERVAL = 1.0
     #: Queued blocks, at most (a few seconds of a busy MX, a few MB of memory).
     MAXSIZE = 10_000
+    THREAD_NAME = "authmilter-history"
 
     def __init__(self, path: str, *, maxsize: int = MAXSIZE, batch: int = BATCH,
                  interval: float = INTERVAL, start: bool = True) -> None:  # fmt: skip
+        super().__init__(maxsize=maxsize, batch=batch, interval=interval, start=start)
         self.path = path
-        self.batch = batch
-        self.interval = interval
-        self.pid = os.getpid()
-        self.queue: queue.Queue[object] = queue.Queue(maxsize)
         self.written = self.dropped = self.failed = 0
         self.batches: list[int] = []  # blocks per successful write() (for tests)
         self.warn = RateLimitedLog("")  # each line starts "HistoryFile <path>: "
-        self._autostart = start
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closing = False
-
-    # -- the milter's side ----------------------------------------------------------------
 
     def put(self, event: DmarcEvent, context: MessageContext) -> bool:
         """Queue one message without waiting; ``False`` when it was dropped (queue full or
         writer closed)."""
-        if self._autostart and self._thread is None:
-            self.start()
-        if not self._closing:
-            try:
-                self.queue.put_nowait((event, context))
-                return True
-            except queue.Full:
-                pass
+        if self.offer((event, context)):
+            return True
         self._count("dropped", 1)
         self.warn.warning("dropped", f"HistoryFile {self.path}: queue of {self.queue.maxsize} "
                                      f"full or writer stopped; block of {context.job_id} "
                                      "dropped")  # fmt: skip
         return False
 
-    def start(self) -> None:
-        """Start the writing thread (once)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="authmilter-history")  # fmt: skip
-                self._thread.start()
+    def left_at_stop(self, n: int) -> None:
+        self._count("dropped", n)
+        self.warn.warning("dropped", f"HistoryFile {self.path}: {n} block(s) not written "
+                                     "before the stop")  # fmt: skip
 
-    def close(self, timeout: float = 1.0) -> bool:
-        """Write what is queued and stop the thread, waiting at most ``timeout`` seconds.
-
-        :returns: whether everything queued was written (or failed) in time; what is left
-            is counted as dropped.
-        """
-        self._closing = True
-        self.start()
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(_STOP)
-        assert self._thread is not None
-        self._thread.join(max(0.0, timeout))
-        if self._thread.is_alive():
-            left = sum(1 for item in list(self.queue.queue) if item is not _STOP)
-            if left:
-                self._count("dropped", left)
-                self.warn.warning("dropped", f"HistoryFile {self.path}: {left} block(s) not "
-                                             "written before the stop")  # fmt: skip
-            return False
-        return True
-
-    # -- the thread -------------------------------------------------------------------------
-
-    def _gather(self) -> tuple[list[_Item], bool]:
-        """The next batch, and whether the writer is to stop after it."""
-        try:
-            first = self.queue.get(timeout=0.1 if self._closing else 1.0)
-        except queue.Empty:
-            return [], self._closing  # closing and drained (the stop may not have fitted)
-        if first is _STOP:
-            return [], True
-        items = [first]
-        deadline = time.monotonic() + self.interval
-        while len(items) < self.batch:
-            wait = 0.0 if self._closing else deadline - time.monotonic()
-            try:
-                item = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return [i for i in items if isinstance(i, tuple)], True
-            items.append(item)
-        return [i for i in items if isinstance(i, tuple)], False
-
-    def _run(self) -> None:
-        stop = False
-        while not (stop and self.queue.empty()):
-            items, stop_now = self._gather()
-            stop = stop or stop_now
-            if items:
-                self._write(items)
+    def handle(self, items: list[Any]) -> None:
+        self._write(items)
 
     def _write(self, items: list[_Item]) -> None:
         blocks: list[str] = []

@@ -49,7 +49,6 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import re
 import sqlite3
 import threading
@@ -62,6 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from authmilter import metrics
 from authmilter.config import DatabaseURL, parse_report_database
 from authmilter.errors import AuthmilterError
+from authmilter.reports.background import Background
 from authmilter.reports.record import DmarcEvent
 
 if TYPE_CHECKING:
@@ -106,7 +106,6 @@ _INSERT = "INSERT INTO dmarc_events (time, policy_domain, event) VALUES (?, ?, ?
 _SCHEMA_LOCK = 0x61757468_6D696C74  # "authmilt"
 _NO_END = 1e300  # until=inf, as a number both kinds compare with
 
-_STOP = object()  # wakes the thread at close()
 
 Row = tuple[Any, ...]
 
@@ -536,7 +535,7 @@ class RateLimitedLog:
         return True
 
 
-class ReportWriter:
+class ReportWriter(Background):
     """The queue and the writing thread of one process for one database.
 
     :param url: the ``ReportDatabase`` URL.
@@ -555,105 +554,36 @@ class ReportWriter:
     #: PostgreSQL: seconds to connect, and for one statement, before the batch fails.
     CONNECT_TIMEOUT = 2.0
     STATEMENT_TIMEOUT = 5.0
+    THREAD_NAME = "authmilter-reports"
 
     def __init__(self, url: str, *, maxsize: int = MAXSIZE, batch: int = BATCH,
                  interval: float = INTERVAL, start: bool = True) -> None:  # fmt: skip
+        super().__init__(maxsize=maxsize, batch=batch, interval=interval, start=start)
         self.url = url
         self.database = parse_report_database(url)
-        self.batch = batch
-        self.interval = interval
-        self.pid = os.getpid()
-        self.queue: queue.Queue[object] = queue.Queue(maxsize)
         self.written = self.dropped = self.failed = 0
         self.batches: list[int] = []  # sizes of the transactions committed (for tests)
         self.warn = RateLimitedLog("DMARC report records: ")
-        self._autostart = start
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closing = False
         self._db: Database | None = None
-
-    # -- the milter's side ----------------------------------------------------------------
 
     def put(self, event: DmarcEvent) -> bool:
         """Queue ``event`` without waiting; ``False`` when it was dropped (queue full or
         writer closed)."""
-        if self._autostart and self._thread is None:
-            self.start()
-        if not self._closing:
-            try:
-                self.queue.put_nowait(event)
-                return True
-            except queue.Full:
-                pass
+        if self.offer(event):
+            return True
         self._count("dropped", 1)
         self.warn.warning("dropped", f"queue of {self.queue.maxsize} full or writer stopped; "
                                      f"event for {event.policy_domain} dropped")  # fmt: skip
         return False
 
-    def start(self) -> None:
-        """Start the writing thread (once)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="authmilter-reports")  # fmt: skip
-                self._thread.start()
+    def left_at_stop(self, n: int) -> None:
+        self._count("dropped", n)
+        self.warn.warning("dropped", f"{n} event(s) not written before the stop")
 
-    def close(self, timeout: float = 1.0) -> bool:
-        """Write what is queued and stop the thread, waiting at most ``timeout`` seconds.
+    def handle(self, items: list[Any]) -> None:
+        self._write(items)
 
-        :returns: whether everything queued was written (or failed) in time; what is left
-            is counted as dropped.
-        """
-        self._closing = True
-        self.start()
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(_STOP)
-        assert self._thread is not None
-        self._thread.join(max(0.0, timeout))
-        if self._thread.is_alive():
-            left = self.queue.qsize()
-            if left:
-                self._count("dropped", left)
-                self.warn.warning("dropped", f"{left} event(s) not written before the stop")
-            return False
-        return True
-
-    # -- the thread -------------------------------------------------------------------------
-
-    def _gather(self) -> tuple[list[DmarcEvent], bool]:
-        """The next batch, and whether the writer is to stop after it."""
-        while True:
-            try:
-                first = self.queue.get(timeout=0.1 if self._closing else 1.0)
-                break
-            except queue.Empty:
-                if self._closing:  # the stop could not be queued (queue full), now drained
-                    return [], True
-        if first is _STOP:
-            return [], True
-        events = [first]
-        deadline = time.monotonic() + self.interval
-        while len(events) < self.batch:
-            wait = 0.0 if self._closing else deadline - time.monotonic()
-            try:
-                item = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return [e for e in events if isinstance(e, DmarcEvent)], True
-            events.append(item)
-        return [e for e in events if isinstance(e, DmarcEvent)], False
-
-    def _run(self) -> None:
-        stop = False
-        while True:
-            events, stop_now = self._gather()
-            stop = stop or stop_now
-            if events:
-                self._write(events)
-            if stop and self.queue.empty():
-                break
+    def finish(self) -> None:
         self._disconnect()
 
     def _connection(self) -> Database:
