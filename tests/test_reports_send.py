@@ -157,6 +157,8 @@ def test_each_complete_day_is_sent_once_per_policy_domain(url: str,
     (part,) = [p for p in msg.walk() if p.get_content_type() == "application/gzip"]
     xml = gzip.decompress(part.get_content()).decode()
     assert xml.count("<count>1</count>") == 2 and f"<begin>{BEGIN}</begin>" in xml
+    assert "<org_name>Receiver Test</org_name>" in xml  # ReportOrgName
+    assert "<email>dmarc@reports.receiver.test</email>" in xml  # ReportSender
     # run again, later the same day: nothing more
     again = go(url, resolver, outbox, now=AFTER + 3600)
     assert (again.queued, again.sent) == ([], []) and len(outbox.sent) == 2
