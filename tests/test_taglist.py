@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from authmilter.dkim_verify import _parse_tag_list, _Verdict
+from authmilter.dkim_verify import SignatureError, parse_signature_tags
 from authmilter.dmarc import DmarcRecordError, NotDmarcRecord, parse_record
 from authmilter.keys import KeyRecordError, parse_key_record
 from authmilter.results import DkimResult
@@ -133,15 +133,15 @@ def test_key_records_are_lenient_about_empty_specs_and_say_key_record_syntax() -
 
 
 def _dkim_reason(text: str) -> str:
-    with pytest.raises(_Verdict) as caught:
-        _parse_tag_list(text)
+    with pytest.raises(SignatureError) as caught:
+        parse_signature_tags(text)
     assert caught.value.result is DkimResult.PERMERROR
     return caught.value.reason
 
 
 def test_signatures_are_strict_and_quote_hostile_text_short() -> None:
-    assert _parse_tag_list("v=1; d=example.com;") == {"v": "1", "d": "example.com"}
-    assert _parse_tag_list("D=a; d=b") == {"D": "a", "d": "b"}
+    assert parse_signature_tags("v=1; d=example.com;") == {"v": "1", "d": "example.com"}
+    assert parse_signature_tags("D=a; d=b") == {"D": "a", "d": "b"}
     assert _dkim_reason("v=1;; d=x") == "empty tag-spec (RFC 6376 §3.2)"
     assert _dkim_reason(";v=1") == "empty tag-spec (RFC 6376 §3.2)"
     assert _dkim_reason("v=1; d=a; d=b") == "duplicate tag 'd' (RFC 6376 §3.2)"

@@ -85,7 +85,18 @@ from authmilter.keys import MIN_RSA_BITS, KeyAlgorithm, KeyRecord, KeyRecordErro
 from authmilter.results import DkimOutcome, DkimProblem, DkimResult
 from authmilter.taglist import TagListError, TagListProblem, parse_tag_list
 
-__all__ = ["DEFAULT_MAX_SIGNATURES", "SIGNATURE_ALGORITHMS", "TxtLookup", "verify_message"]
+__all__ = [
+    "DEFAULT_MAX_SIGNATURES",
+    "SIGNATURE_ALGORITHMS",
+    "SignatureError",
+    "TxtLookup",
+    "check_key",
+    "decode_base64_tag",
+    "fetch_key",
+    "key_bits",
+    "parse_signature_tags",
+    "verify_message",
+]
 
 #: OpenDKIM's MaximumSignaturesToVerify default.
 DEFAULT_MAX_SIGNATURES: Final = 3
@@ -96,14 +107,14 @@ SIGNATURE_ALGORITHMS: Final[dict[str, tuple[KeyAlgorithm, str]]] = {
     "ed25519-sha256": (KeyAlgorithm.ED25519, "sha256"),  # RFC 8463 §3
 }
 _REQUIRED_TAGS: Final = ("v", "a", "b", "bh", "d", "h", "s")  # RFC 6376 §3.5, §6.1.1
-_FWS: Final = " \t\r\n"
+FWS: Final = " \t\r\n"
 _LABEL: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 # Domain names and selectors: LDH labels, leniently allowing "_" (seen in the wild).
-_DNS_NAME: Final = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
-_FIELD_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 §3.6.8 ftext
-_CANON: Final = re.compile(r"(simple|relaxed)(?:/(simple|relaxed))?")
-_TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")  # RFC 6376 §3.5: 1*12DIGIT
-_LENGTH: Final = re.compile(r"[0-9]{1,76}")  # RFC 6376 §3.5: 1*76DIGIT
+DNS_NAME: Final = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
+FIELD_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 §3.6.8 ftext
+CANON: Final = re.compile(r"(simple|relaxed)(?:/(simple|relaxed))?")
+TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")  # RFC 6376 §3.5: 1*12DIGIT
+LENGTH: Final = re.compile(r"[0-9]{1,76}")  # RFC 6376 §3.5: 1*76DIGIT
 _WSP: Final = re.compile(r"[ \t\r\n]+")
 _PRINTABLE: Final = re.compile(r"[^\x00-\x20\x7f]*")  # no controls (UTF-8 allowed: RFC 8616)
 _EXCERPT: Final = 40
@@ -193,7 +204,7 @@ def plan_body_hashes(headers: list[tuple[bytes, bytes]], bodies: BodyHashes, *,
     for _idx, value in _chosen(headers, max_signatures) or []:
         try:
             sig = _parse_signature(value, _Fields())
-        except _Verdict:
+        except SignatureError:
             continue
         bodies.add(sig.body_canon, sig.hash_name, sig.length)
         bodies.add(sig.body_canon, sig.hash_name, None)  # the full length, for l= checks
@@ -311,8 +322,13 @@ class _Signature:
     expiration: int | None
 
 
-class _Verdict(Exception):
-    """Stop checking one signature with this result (never leaves this module)."""
+class SignatureError(Exception):
+    """Stop checking one signature with this result.
+
+    Leaves this module only through the helpers shared with :mod:`authmilter.arc_verify`
+    (:func:`parse_signature_tags`, :func:`decode_base64_tag`, :func:`fetch_key`,
+    :func:`key_bits`, :func:`check_key`).
+    """
 
     def __init__(
         self,
@@ -326,11 +342,11 @@ class _Verdict(Exception):
         self.problem = problem
 
 
-def _permerror(reason: str) -> _Verdict:
-    return _Verdict(DkimResult.PERMERROR, reason)
+def _permerror(reason: str) -> SignatureError:
+    return SignatureError(DkimResult.PERMERROR, reason)
 
 
-def _missing(tag: str) -> _Verdict:
+def _missing(tag: str) -> SignatureError:
     # RFC 6376 §6.1.1: a missing required tag is PERMFAIL (signature missing required tag).
     return _permerror(f"missing required tag '{tag}' (RFC 6376 §6.1.1)")
 
@@ -342,17 +358,17 @@ def _verify_one(context: _Context, idx: int, raw_value: bytes) -> DkimOutcome:
         signature = _parse_signature(raw_value, fields)
         _check_times(signature, context)
         _check_length(signature, context)
-        key = _fetch_key(signature, context.resolver)
+        key = fetch_key(signature.selector, signature.domain, context.resolver)
         _check_key(signature, key, fields)
         return _compute(context, idx, signature, key, fields)
-    except _Verdict as verdict:
+    except SignatureError as verdict:
         return fields.outcome(verdict.result, verdict.reason, verdict.problem)
 
 
-def _parse_tag_list(text: str) -> dict[str, str]:
+def parse_signature_tags(text: str) -> dict[str, str]:
     """Split a tag-list (RFC 6376 §3.2) strictly: one trailing ``;`` at most, no duplicates.
 
-    :raises _Verdict: permerror naming the problem (hostile text quoted short and ASCII).
+    :raises SignatureError: permerror naming the problem (hostile text quoted short and ASCII).
     """
     try:
         return dict(parse_tag_list(text, strict_empty=True))
@@ -368,7 +384,7 @@ def _parse_tag_list(text: str) -> dict[str, str]:
         raise _permerror(f"{reason} (RFC 6376 §3.2)") from None
 
 
-def _decode_base64(tag: str, value: str) -> str:
+def decode_base64_tag(tag: str, value: str) -> str:
     """Return the value without white space, after checking it is non-empty base64."""
     compact = _WSP.sub("", value)
     if not compact:
@@ -383,9 +399,9 @@ def _decode_base64(tag: str, value: str) -> str:
 def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
     """Apply RFC 6376 §6.1.1 to one DKIM-Signature value; record valid fields in ``fields``.
 
-    :raises _Verdict: permerror with the first problem found.
+    :raises SignatureError: permerror with the first problem found.
     """
-    tags = _parse_tag_list(raw_value.decode("utf-8", "replace"))
+    tags = parse_signature_tags(raw_value.decode("utf-8", "replace"))
 
     for tag in _REQUIRED_TAGS:
         if tag not in tags and tag != "bh":  # bh= after d, s, i, a, b: they go into the A-R
@@ -395,18 +411,18 @@ def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
         raise _permerror(f"unsupported version v={_excerpt(tags['v'])} (RFC 6376 §6.1.1)")
 
     domain = tags["d"]
-    if not _DNS_NAME.fullmatch(domain):
+    if not DNS_NAME.fullmatch(domain):
         raise _permerror(f"d= {_excerpt(domain)} is not a domain name (RFC 6376 §3.5)")
     fields.domain = domain
     selector = tags["s"]
-    if not _DNS_NAME.fullmatch(selector) or len(f"{selector}._domainkey.{domain}") > 253:
+    if not DNS_NAME.fullmatch(selector) or len(f"{selector}._domainkey.{domain}") > 253:
         raise _permerror(f"s= {_excerpt(selector)} is not a valid selector (RFC 6376 §3.1)")
     fields.selector = selector
 
     # i= is DKIM-Quoted-Printable (RFC 6376 §2.11): white space in it is folding, not data.
     identity = _WSP.sub("", tags.get("i", f"@{domain}"))
     local, at, identity_domain = identity.rpartition("@")
-    if not at or not _DNS_NAME.fullmatch(identity_domain) or not _PRINTABLE.fullmatch(local):
+    if not at or not DNS_NAME.fullmatch(identity_domain) or not _PRINTABLE.fullmatch(local):
         raise _permerror(f"i= {_excerpt(identity)} is not [local]@domain (RFC 6376 §3.5)")
     lower_i, lower_d = identity_domain.lower(), domain.lower()
     if lower_i != lower_d and not lower_i.endswith("." + lower_d):
@@ -422,20 +438,20 @@ def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
     fields.algorithm = algorithm
     key_type, hash_name = SIGNATURE_ALGORITHMS[algorithm]
 
-    fields.b = _decode_base64("b", tags["b"])
+    fields.b = decode_base64_tag("b", tags["b"])
     if "bh" not in tags:
         raise _missing("bh")
-    body_hash = base64.b64decode(_decode_base64("bh", tags["bh"]))
+    body_hash = base64.b64decode(decode_base64_tag("bh", tags["bh"]))
 
-    canon = _CANON.fullmatch(tags.get("c", "simple/simple"))
+    canon = CANON.fullmatch(tags.get("c", "simple/simple"))
     if canon is None:
         raise _permerror(f"unknown canonicalization c={_excerpt(tags['c'])} (RFC 6376 §3.5)")
     header_canon = canon.group(1)
     body_canon = canon.group(2) or "simple"  # RFC 6376 §3.5: "c=relaxed" is relaxed/simple
 
-    names = [item.strip(_FWS) for item in tags["h"].split(":")]
+    names = [item.strip(FWS) for item in tags["h"].split(":")]
     for item in names:
-        if not _FIELD_NAME.fullmatch(item):
+        if not FIELD_NAME.fullmatch(item):
             raise _permerror(f"h= has an invalid field name {_excerpt(item)} (RFC 6376 §3.5)")
     if "from" not in (item.lower() for item in names):
         # RFC 6376 §5.4 (From MUST be signed) and §6.1.1: PERMFAIL (From field not signed).
@@ -447,7 +463,7 @@ def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
 
     length: int | None = None
     if "l" in tags:
-        if not _LENGTH.fullmatch(tags["l"]):
+        if not LENGTH.fullmatch(tags["l"]):
             raise _permerror(f"l= {_excerpt(tags['l'])} is not a byte count (RFC 6376 §3.5)")
         length = int(tags["l"])
 
@@ -478,7 +494,7 @@ def _parse_signature(raw_value: bytes, fields: _Fields) -> _Signature:
 def _timestamp(tags: dict[str, str], tag: str) -> int | None:
     if tag not in tags:
         return None
-    if not _TIMESTAMP.fullmatch(tags[tag]):
+    if not TIMESTAMP.fullmatch(tags[tag]):
         raise _permerror(f"{tag}= {_excerpt(tags[tag])} is not a timestamp (RFC 6376 §3.5)")
     return int(tags[tag])
 
@@ -509,30 +525,33 @@ def _check_length(signature: _Signature, context: _Context) -> None:
         )
 
 
-def _fetch_key(signature: _Signature, resolver: TxtLookup) -> KeyRecord:
-    """Fetch and parse the key record at ``selector._domainkey.domain``.
+def fetch_key(selector: str, domain: str, resolver: TxtLookup) -> KeyRecord:
+    """Fetch and parse the key record at ``selector._domainkey.domain`` (RFC 6376 §6.1.2).
 
-    :raises _Verdict: key not found, DNS failure, several records, malformed or revoked key.
+    Shared with :mod:`authmilter.arc_verify`: ARC keys are DKIM keys (RFC 8617 §4.1.3).
+
+    :raises SignatureError: key not found, DNS failure, several records, malformed or
+        revoked key; ``result``/``problem`` say which as DKIM reports it.
     """
-    name = f"{signature.selector}._domainkey.{signature.domain}"
+    name = f"{selector}._domainkey.{domain}"
     try:
         records = resolver.txt(name)
     except DNSNameNotFound:
         records = []
     except DNSTempError as exc:
         # RFC 6376 §6.1.2 step 2: the key query failed to respond: TEMPFAIL (key unavailable).
-        raise _Verdict(
+        raise SignatureError(
             DkimResult.TEMPERROR, f"key lookup failed: {_clean(str(exc))}", DkimProblem.DNS_ERROR
         ) from None
     except DNSPermError as exc:
         # A malformed DNS answer will not heal by retrying: permerror, but classed as a DNS
         # problem (libopendkim's KEYFAIL goes to On-DNSError as well).
-        raise _Verdict(
+        raise SignatureError(
             DkimResult.PERMERROR, f"key lookup failed: {_clean(str(exc))}", DkimProblem.DNS_ERROR
         ) from None
     if not records:
         # RFC 6376 §6.1.2 step 3: no key record: PERMFAIL (no key for signature).
-        raise _Verdict(DkimResult.PERMERROR, "key not found", DkimProblem.KEY_NOT_FOUND)
+        raise SignatureError(DkimResult.PERMERROR, "key not found", DkimProblem.KEY_NOT_FOUND)
     if len(records) > 1:
         # RFC 6376 §3.6.2.2: several TXT records at a selector give undefined results;
         # refuse them as libopendkim does ("multiple DNS replies").
@@ -551,34 +570,51 @@ def _fetch_key(signature: _Signature, resolver: TxtLookup) -> KeyRecord:
 def _check_key(signature: _Signature, key: KeyRecord, fields: _Fields) -> None:
     """Apply RFC 6376 §6.1.2 / §3.6.1 to the key record; record key_bits and testing."""
     fields.testing = key.testing
+    fields.key_bits = key_bits(key)
+    check_key(key, signature.algorithm, signature.domain, signature.identity_domain)
+
+
+def key_bits(key: KeyRecord) -> int:
+    """The size of the record's public key: RSA modulus bits, 256 for Ed25519.
+
+    :raises SignatureError: permerror, the key data does not load.
+    """
     try:
         public = key.public_key()
     except KeyRecordError as exc:
         raise _permerror(f"malformed key record: {_clean(str(exc))}") from None
-    fields.key_bits = public.key_size if isinstance(public, rsa.RSAPublicKey) else 256
+    return public.key_size if isinstance(public, rsa.RSAPublicKey) else 256
 
-    if key.hash_algorithms is not None and signature.hash_name not in (
+
+def check_key(key: KeyRecord, algorithm: str, domain: str, identity_domain: str) -> None:
+    """Check the key record's ``h=``, ``k=``, ``s=`` and ``t=s`` against a signature with
+    ``a=algorithm`` (one of :data:`SIGNATURE_ALGORITHMS`), ``d=domain`` and the ``i=`` domain.
+
+    Shared with :mod:`authmilter.arc_verify` (which passes ``domain`` as the ``i=`` domain:
+    ARC has no AUID).
+
+    :raises SignatureError: permerror naming the first mismatch.
+    """
+    key_type, hash_name = SIGNATURE_ALGORITHMS[algorithm]
+    if key.hash_algorithms is not None and hash_name not in (
         name.lower() for name in key.hash_algorithms
     ):
         # RFC 6376 §3.6.1 h= / §6.1.2 step 7: PERMFAIL (inappropriate hash algorithm).
         raise _permerror(
-            f"key h={':'.join(key.hash_algorithms)} does not allow {signature.hash_name} "
-            "(RFC 6376 §3.6.1)"
+            f"key h={':'.join(key.hash_algorithms)} does not allow {hash_name} (RFC 6376 §3.6.1)"
         )
-    if key.key_type is not signature.key_type:
+    if key.key_type is not key_type:
         # RFC 6376 §6.1.2 step 8 (RFC 8463 §4 for ed25519): key data not suitable for a=:
         # PERMFAIL (inappropriate key algorithm).
         raise _permerror(
-            f"key k={key.key_type.value} does not match a={signature.algorithm} (RFC 6376 §6.1.2)"
+            f"key k={key.key_type.value} does not match a={algorithm} (RFC 6376 §6.1.2)"
         )
     if not key.allows_email:
         # RFC 6376 §3.6.1 s=: a key restricted to other services does not sign email.
         raise _permerror(f"key s={':'.join(key.service_types)} excludes email (RFC 6376 §3.6.1)")
-    if key.strict_subdomains and signature.identity_domain.lower() != signature.domain.lower():
+    if key.strict_subdomains and identity_domain.lower() != domain.lower():
         # RFC 6376 §3.6.1 t=s: "the "i=" domain MUST NOT be a subdomain of "d="".
-        raise _permerror(
-            f"key t=s forbids i= subdomain {signature.identity_domain} (RFC 6376 §3.6.1)"
-        )
+        raise _permerror(f"key t=s forbids i= subdomain {identity_domain} (RFC 6376 §3.6.1)")
 
 
 def _compute(
@@ -596,24 +632,24 @@ def _compute(
 
     if crypto is _Crypto.BODY_MISMATCH:
         # RFC 6376 §6.1.3 step 4: PERMFAIL (body hash did not verify).
-        raise _Verdict(DkimResult.FAIL, "body hash did not verify")
+        raise SignatureError(DkimResult.FAIL, "body hash did not verify")
     if crypto is _Crypto.SIGNATURE_MISMATCH:
         # RFC 6376 §6.1.3 step 5: PERMFAIL (signature did not verify).
-        raise _Verdict(DkimResult.FAIL, "signature verification failed")
+        raise SignatureError(DkimResult.FAIL, "signature verification failed")
 
     if signature.algorithm == "rsa-sha1":
         # RFC 8301 §3.1: rsa-sha1 MUST NOT be used for signing or verifying.
-        raise _Verdict(DkimResult.POLICY, "rsa-sha1 not acceptable (RFC 8301)")
+        raise SignatureError(DkimResult.POLICY, "rsa-sha1 not acceptable (RFC 8301)")
     if signature.key_type is KeyAlgorithm.RSA and fields.key_bits is not None:
         if fields.key_bits < MIN_RSA_BITS:
             # RFC 8301 §3.2: RSA keys under 1024 bits MUST NOT be considered valid.
-            raise _Verdict(
+            raise SignatureError(
                 DkimResult.POLICY,
                 f"{fields.key_bits}-bit key below the RFC 8301 minimum of {MIN_RSA_BITS}",
             )
         if fields.key_bits < context.minimum_key_bits:
             # OpenDKIM MinimumKeyBits: a local policy above the RFC 8301 floor.
-            raise _Verdict(
+            raise SignatureError(
                 DkimResult.POLICY,
                 f"{fields.key_bits}-bit key below MinimumKeyBits {context.minimum_key_bits}",
             )
@@ -742,7 +778,7 @@ def _author_domain(headers: list[tuple[bytes, bytes]]) -> str | None:
 def _peek_domain(raw_value: bytes) -> str | None:
     """The d= of a signature, lower case, or ``None`` when its tag-list does not parse."""
     try:
-        domain = _parse_tag_list(raw_value.decode("utf-8", "replace")).get("d")
-    except _Verdict:
+        domain = parse_signature_tags(raw_value.decode("utf-8", "replace")).get("d")
+    except SignatureError:
         return None
     return domain.lower() if domain else None
