@@ -11,9 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import authres
+import authres.arc
 import authres.dmarc
 from authres.core import AuthenticationResultProperty, QuotableValue
 
+from authmilter.arc_verify import ArcOutcome
 from authmilter.results import (
     DkimOutcome,
     DkimResult,
@@ -126,16 +128,40 @@ def _dmarc_clause(outcome: DmarcOutcome) -> authres.dmarc.DMARCAuthenticationRes
     )
 
 
-def build(authserv_id: str, *, dkim: Sequence[DkimOutcome] = (), spf: SpfOutcome | None = None,
-          dmarc: DmarcOutcome | None = None, header_b: bool = True) -> str:  # fmt: skip
-    """The value of our Authentication-Results field (without the field name): DKIM clauses,
-    then SPF, then DMARC, as OpenDKIM and OpenDMARC order them.
+def _arc_clause(outcome: ArcOutcome, remote_ip: str | None) -> authres.arc.ARCAuthenticationResult:
+    """RFC 8617 §10.2: ``arc=pass (as[2].d=… as[2].s=…) header.oldest-pass=0
+    smtp.remote-ip=…``; a fail says why in the comment."""
+    if outcome.passed and outcome.sets:
+        newest = outcome.sets[-1]
+        comment = (f"i={newest.instance} as[{newest.instance}].d={newest.domain} "
+                   f"as[{newest.instance}].s={newest.selector}")  # fmt: skip
+    else:
+        comment = outcome.reason
+    oldest = outcome.oldest_pass if outcome.passed else None
+    return authres.arc.ARCAuthenticationResult(
+        result=outcome.result,
+        result_comment=_comment_safe(comment),
+        # authres leaves out a falsy value: 0 ("every AMS validates") is written as text
+        header_oldest_pass=str(oldest) if oldest is not None else None,
+        smtp_remote_ip=remote_ip,
+    )
 
-    ``header_b=False`` implements OpenDKIM's ``NoHeaderB``.
+
+def build(authserv_id: str, *, dkim: Sequence[DkimOutcome] = (), spf: SpfOutcome | None = None,
+          dmarc: DmarcOutcome | None = None, arc: ArcOutcome | None = None,
+          remote_ip: str | None = None, header_b: bool = True) -> str:  # fmt: skip
+    """The value of our Authentication-Results field (without the field name): DKIM clauses,
+    then SPF, then ARC (when the message has ARC fields), then DMARC, as OpenDKIM and OpenDMARC
+    order theirs.
+
+    ``header_b=False`` implements OpenDKIM's ``NoHeaderB``; ``remote_ip`` is the client, the
+    ARC clause's ``smtp.remote-ip``.
     """
     results = [str(_dkim_clause(o, header_b=header_b)) for o in dkim]
     if spf is not None:
         results.append(str(_spf_clause(spf)))
+    if arc is not None:
+        results.append(str(_arc_clause(arc, remote_ip)))
     if dmarc is not None:
         results.append(str(_dmarc_clause(dmarc)))
     # authres would lower-case the authserv-id and not quote it; keep it as given, quoted when

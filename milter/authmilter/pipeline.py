@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from authmilter import addresses, authresults, dmarc
+from authmilter import addresses, arc_verify, authresults, dmarc
+from authmilter.arc_verify import ArcOutcome
 from authmilter.body_hash import BodyHashes
 from authmilter.config import Action, Config, DatasetSpec, SignatureAlgorithm
 from authmilter.datasets import Dataset, HostList, open_dataset
@@ -498,6 +499,8 @@ class Transaction:
         if not self.sign_keys and cfg.verifying:
             plan_body_hashes(self._wire, self.bodies,
                              max_signatures=cfg.maximum_signatures_to_verify)  # fmt: skip
+            if _has_arc(self._wire):
+                arc_verify.plan_body_hashes(self._wire, self.bodies)
 
     def body(self, chunk: bytes) -> None:
         """A piece of the body (CRLF line ends, as the milter protocol carries it)."""
@@ -647,6 +650,7 @@ class Transaction:
                 now=self.ctx.clock(),
             )  # fmt: skip
             dkim_action, dkim_why, problem = choose_action(cfg, outcomes)
+        arc = self._arc() if cfg.verifying else None
         dkim_reply = None
         if dkim_action is Action.REJECT:
             dkim_reply = Reply("550", "5.7.1", f"DKIM verification failed: {dkim_why}")
@@ -679,19 +683,22 @@ class Transaction:
         if self.spf_header is not None:
             edits.append(self.spf_header)
         signed = any(o.result is not DkimResult.NONE for o in outcomes)
-        if signed or cfg.always_add_ar_header or self.spf or dmarc_outcome:
+        if signed or cfg.always_add_ar_header or self.spf or dmarc_outcome or arc:
             aid = self.authserv_id
             if cfg.authserv_id_with_job_id and self.macros.get("i"):
                 aid = f"{aid}/{self.macros['i']}"
             # dkim=none only with AlwaysAddARHeader, as OpenDKIM (which adds no field then).
             shown = outcomes if signed or cfg.always_add_ar_header else []
             value = authresults.build(aid, dkim=shown, spf=self.spf, dmarc=dmarc_outcome,
+                                      arc=arc, remote_ip=self.conn.ip,
                                       header_b=not cfg.no_header_b)  # fmt: skip
             edits.append(AddHeader(authresults.HEADER, value))
         self.results = [("dkim", o.result.value) for o in outcomes]
         self.results += [("spf", self.spf.result.value)] if self.spf else []
         self.results += [("dmarc", dmarc_outcome.result.value)] if dmarc_outcome else []
         parts = [_describe(o) for o in outcomes]
+        if arc is not None:
+            parts.append(f"arc={arc.result}")
         parts.append(f"spf={self.spf.result.value}" if self.spf else
                      f"spf=skipped ({self.spf_note})" if self.spf_note else "spf=none")
         if dmarc_outcome is not None:
@@ -717,6 +724,19 @@ class Transaction:
                 verdict = dataclasses.replace(verdict, dmarc_event=event,
                                               report_context=context)  # fmt: skip
         return verdict
+
+    def _arc(self) -> ArcOutcome | None:
+        """The ARC chain's validation (RFC 8617 §5.2); ``None`` for a message without ARC
+        header fields (no ``arc=`` clause then: nothing to report)."""
+        headers = self.wire_headers()
+        if not _has_arc(headers):
+            return None
+        assert self.bodies is not None
+        cfg = self.ctx.config
+        return arc_verify.verify_chain(headers, self.bodies, self.ctx.resolver,
+                                       now=self.ctx.clock(),
+                                       minimum_key_bits=cfg.minimum_key_bits,
+                                       clock_drift=cfg.clock_drift)  # fmt: skip
 
     def _report_mail(self) -> bool:
         """DMARC report mail (to or from ReportSender, FailureReportsSentBy, or shaped like a
@@ -1000,6 +1020,13 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 _NOT_IN_NAME = re.compile(r"[\s<>@!]")
+
+
+_ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
+
+
+def _has_arc(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() in _ARC_FIELDS for name, _value in headers)
 
 
 def reports_wanted(cfg: Config) -> bool:
