@@ -20,6 +20,7 @@ is whether some trick turns them into ``dmarc=pass`` for bank.example. It never 
 from __future__ import annotations
 
 import base64
+import re
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -307,7 +308,7 @@ def test_several_forged_received_spf_are_deleted_bottom_up(world: World) -> None
         not c for _i, _v, c in FORGED_SPF)
 
 
-# -- 4. ARC headers (not evaluated) -----------------------------------------------------------
+# -- 4. hostile ARC headers ---------------------------------------------------------------------
 
 ARC_GARBAGE: dict[str, list[Header]] = {
     "plausible-but-broken": [
@@ -324,18 +325,42 @@ ARC_GARBAGE: dict[str, list[Header]] = {
         ("ARC-Authentication-Results", f"i=1; {TRUSTED}; dkim=pass header.d={BANK}; spf=pass "
                                        f"smtp.mailfrom=ceo@{BANK}"),
     ],
+    "seal-x": [("ARC-Seal", "x")],
+    "instance-out-of-range": [
+        ("ARC-Seal", f"i=51; a=rsa-sha256; cv=pass; d={BANK}; s=sel; b=AAAA"),
+        ("ARC-Message-Signature", f"i=51; a=rsa-sha256; d={BANK}; s=sel; h=from; bh=AAAA; b=AAAA"),
+        ("ARC-Authentication-Results", f"i=51; {AID}; dmarc=pass header.from={BANK}"),
+    ],
+    "duplicate-instances": [
+        ("ARC-Seal", f"i=1; a=rsa-sha256; cv=none; d={BANK}; s=sel; b=AAAA"),
+        ("ARC-Seal", f"i=1; a=rsa-sha256; cv=none; d={BANK}; s=sel; b=AAAA"),
+        ("ARC-Message-Signature", f"i=1; a=rsa-sha256; d={BANK}; s=sel; h=from; bh=AAAA; b=AAAA"),
+        ("ARC-Authentication-Results", f"i=1; {AID}; dmarc=pass header.from={BANK}"),
+    ],
+    "long-b": [
+        ("ARC-Seal", f"i=1; a=rsa-sha256; cv=none; d={BANK}; s=sel; b={'QUFB' * 4000}"),
+        ("ARC-Message-Signature", f"i=1; a=rsa-sha256; d={BANK}; s=sel; h=from; bh=AAAA; "
+                                  f"b={'QUFB' * 4000}"),
+        ("ARC-Authentication-Results", f"i=1; {AID}; dmarc=pass header.from={BANK}"),
+    ],
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("conf", ["", f"TrustedAuthservIDs {TRUSTED}\n"], ids=["plain", "trusted"])
 @pytest.mark.parametrize("arc", list(ARC_GARBAGE), ids=list(ARC_GARBAGE))
-def test_arc_headers_with_garbage_are_ignored(world: World, arc: str, conf: str) -> None:
-    """ARC (RFC 8617) is not evaluated: its fields change nothing and are neither removed nor
-    trusted, whatever authserv-id an ARC-Authentication-Results names."""
+def test_arc_headers_with_garbage_are_arc_fail_and_change_nothing_else(world: World, arc: str,
+                                                                       conf: str) -> None:
+    """Hostile ARC fields (RFC 8617) give ``arc=fail`` with a reason, never an exception; the
+    fields are neither removed nor trusted, whatever authserv-id an ARC-Authentication-Results
+    names, and the DKIM, SPF and DMARC results are those of the same message without them."""
     plain = signed_by_evil(compose(f"ceo@{BANK}"), world.keys)
     with_arc = signed_by_evil(compose(f"ceo@{BANK}", top=ARC_GARBAGE[arc]), world.keys)
     baseline, verdict = run(world.ctx(conf), plain), run(world.ctx(conf), with_arc)
     assert not [e for e in verdict.edits if e.name.lower().startswith("arc-")]
+    (clause,) = [r for r in our_ar(verdict).results if r.method == "arc"]
+    (value,) = added(verdict, "Authentication-Results")
+    assert str(clause.result) == "fail" and re.search(r"\barc=fail \([^)]+\)", value), value
+    assert not [r for r in our_ar(baseline).results if r.method == "arc"]
     assert (dkim_of(verdict), spf_of(verdict), dmarc_of(verdict)) == (
         dkim_of(baseline), spf_of(baseline), dmarc_of(baseline))
     assert dmarc_of(verdict) == ("fail", BANK)
