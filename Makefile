@@ -11,8 +11,9 @@ APT_RUN  = libmilter-dev gcc python3-dev python3-venv libpq5
 # miltertest, policyd-spf); systemd for `systemd-analyze verify` of the unit; man-db and
 # groff-base to check the man pages; postgresql for the private server of the ReportDatabase
 # tests (tests/pg_fixture.py runs its own initdb/pg_ctl, never the system cluster).
+# rspamd: the ARC peer of tests/test_arc_rspamd.py (tests/rspamd_fixture.py runs its own).
 APT_TEST = $(APT_RUN) postfix nsd opendkim opendkim-tools miltertest opendmarc \
-           postfix-policyd-spf-python systemd man-db groff-base postgresql
+           postfix-policyd-spf-python systemd man-db groff-base postgresql rspamd
 
 .PHONY: run test deps-run deps-test venv venv-test lint typecheck check docs clean
 

@@ -13,6 +13,8 @@ measured with rspamd 3.4:
 * ``options.filters = "dkim"`` and a ``dkim {}`` section: the ``arc`` plugin refuses to load
   without the C ``dkim`` module. ``modules.path`` is the stock plugin directory; every other
   plugin stays off because it has no section.
+* ``dkim { check_local = true; }``: rspamd checks no DKIM signature from a local address
+  (127.0.0.0/8 always is one) otherwise, and its AAR would say ``none``.
 * ``arc { use_http_headers = true; }``: signing is chosen per request by the HTTP headers
   ``PerformDkimSign``, ``DkimDomain``, ``DkimSelector`` and ``DkimPrivateKey`` (base64 DER;
   a PEM key would need newlines in a header), so one rspamd seals for any domain a test names
@@ -200,6 +202,8 @@ modules {{
   path = "${{PLUGINSDIR}}";
 }}
 dkim {{
+  check_local = true;
+  check_authed = true;
 }}
 arc {{
   use_http_headers = true;
@@ -369,12 +373,15 @@ worker "controller" {{
         selector: str,
         key_pem: bytes,
         authserv_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
         **envelope: Any,
     ) -> bytes:
         """Have rspamd add its ARC Set for ``domain``/``selector`` and return the sealed message.
 
         ``key_pem`` is the PEM private key (PKCS#1 or PKCS#8); ``authserv_id`` (default
-        ``mx.<domain>``) names the AAR's authserv-id. Other keywords go to :meth:`check`.
+        ``mx.<domain>``) names the AAR's authserv-id; ``headers`` are more request headers
+        (``SignOnAuthFailed: yes`` makes rspamd seal a chain it found broken, with
+        ``cv=fail``). Other keywords go to :meth:`check`.
 
         :raises RspamdError: rspamd did not seal (``ARC_SIGNED`` missing: the symbols and log
             say why, e.g. a broken incoming chain) or sent other than one ARC Set.
@@ -385,14 +392,15 @@ worker "controller" {{
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        headers = {
+        request = {
+            **(headers or {}),
             "PerformDkimSign": "yes",
             "DkimDomain": domain,
             "DkimSelector": selector,
             "DkimPrivateKey": base64.b64encode(der).decode("ascii"),
             "MTA-Name": authserv_id or f"mx.{domain}",
         }
-        scan = self.check(message, headers=headers, **envelope)
+        scan = self.check(message, headers=request, **envelope)
         names = sorted(name.lower() for name, _ in scan.add_headers)
         if "ARC_SIGNED" not in scan.symbols or names != sorted(n.lower() for n in _ARC_ORDER):
             raise RspamdError(
