@@ -40,7 +40,7 @@ def test_a_valid_chain_is_arc_pass_with_oldest_pass_and_the_client(key: PrivateK
     assert re.search(rf"; arc=pass \(i=2 as\[2\]\.d=fwd\.{ORIGIN} as\[2\]\.s=sel\) "
                      rf"header\.oldest-pass=0 smtp\.remote-ip={re.escape(ATTACKER_IP)}", ar), ar
     assert ar.index("spf=") < ar.index("arc=") < ar.index("dmarc=")
-    assert "arc=pass" in verdict.log
+    assert "arc=pass" in verdict.log and ("arc", "pass") in verdict.results  # the metric
 
 
 def test_a_body_changed_after_the_last_seal_is_arc_fail_with_why(key: PrivateKey) -> None:
@@ -50,9 +50,11 @@ def test_a_body_changed_after_the_last_seal_is_arc_fail_with_why(key: PrivateKey
     ar = ar_of(verdict.log, verdict.edits)
     assert re.search(r"; arc=fail \([^)]*body hash", ar), ar
     assert "header.oldest-pass" not in ar and "arc=fail" in verdict.log
+    assert ("arc", "fail") in verdict.results
 
 
 def test_mail_without_arc_fields_gets_no_arc_clause(key: PrivateKey) -> None:
     verdict = run(ctx(resolver([])), make_message())
     ar = ar_of(verdict.log, verdict.edits)
     assert "dmarc=" in ar and not re.search(r"\barc=", ar) and not re.search(r"\barc=", verdict.log)
+    assert ("arc", "none") in verdict.results  # counted as none, not reported

@@ -119,6 +119,7 @@ def alert_series() -> list[tuple[str, tuple[tuple[str, str], ...]]]:
            for d in Direction for a in Action]  # fmt: skip
     for method, tokens in (("dkim", DkimResult), ("spf", SpfResult), ("dmarc", DmarcResult)):
         out += [series("authmilter_results_total", method=method, result=t.value) for t in tokens]
+    out += [series("authmilter_results_total", method="arc", result=r) for r in metrics.ARC_RESULTS]
     out += [series("authmilter_dns_queries_total", type=t, outcome=o)
             for t in metrics.DNS_TYPES for o in metrics.DNS_OUTCOMES]  # fmt: skip
     out += [series("authmilter_dns_query_seconds_count", type=t) for t in metrics.DNS_TYPES]
@@ -170,6 +171,7 @@ def test_every_alert_series_is_zero_before_the_first_message(fresh_stack) -> Non
     counted = {series("authmilter_messages_total", direction="verify", action="accept"),
                series("authmilter_results_total", method="dkim", result="none"),
                series("authmilter_results_total", method="spf", result="pass"),
+               series("authmilter_results_total", method="arc", result="none"),
                series("authmilter_results_total", method="dmarc", result="pass")}  # fmt: skip
     untouched = [s for s in expected if s[0].endswith("_total") and s not in counted
                  and not s[0].startswith("authmilter_dns_")]  # fmt: skip

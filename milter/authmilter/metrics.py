@@ -13,8 +13,9 @@ Metric names (all prefixed ``authmilter_``):
 ``messages_total{direction,action}``      messages decided: ``sign``/``verify`` ×
                                           ``accept``/``reject``/``tempfail``/``quarantine``/
                                           ``discard``
-``results_total{method,result}``          ``dkim``/``spf``/``dmarc`` results, one per
-                                          signature for DKIM
+``results_total{method,result}``          ``dkim``/``spf``/``arc``/``dmarc`` results, one
+                                          per signature for DKIM; ``arc=none`` for
+                                          DMARC-evaluated mail without ARC fields
 ``dns_queries_total{type,outcome}``       lookups sent to a nameserver: ``ok``, ``nodata``,
                                           ``nxdomain``, ``temperror``, ``permerror``
 ``dns_query_seconds{type}``               how long those lookups took (histogram)
@@ -83,6 +84,9 @@ CALLBACKS = ("connect", "hello", "envfrom", "envrcpt", "header", "eoh", "body", 
 DNS_TYPES = ("TXT", "A", "AAAA", "MX", "PTR")
 #: How a lookup sent to a nameserver ends (``resolver.Resolver._lookup``).
 DNS_OUTCOMES = ("ok", "nodata", "nxdomain", "temperror", "permerror")
+#: The ``arc=`` results (RFC 8617 §10.1: no temperror); DMARC-evaluated mail without ARC
+#: fields counts as none.
+ARC_RESULTS = ("none", "pass", "fail")
 #: What became of a DMARC report record (``reports.store``).
 REPORT_OUTCOMES = ("written", "dropped", "failed")
 #: What became of a DMARC failure report (``reports.failure.OUTCOMES``).
@@ -149,6 +153,8 @@ def _zero(m: _Metrics) -> None:
     for method, enum in tokens.items():
         for token in enum:
             m.results.labels(method, token.value).inc(0)
+    for arc_result in ARC_RESULTS:
+        m.results.labels("arc", arc_result).inc(0)
     for rdtype in DNS_TYPES:
         m.dns_seconds.labels(rdtype)
         for outcome in DNS_OUTCOMES:

@@ -696,6 +696,10 @@ class Transaction:
         self.results = [("dkim", o.result.value) for o in outcomes]
         self.results += [("spf", self.spf.result.value)] if self.spf else []
         self.results += [("dmarc", dmarc_outcome.result.value)] if dmarc_outcome else []
+        if arc is not None:
+            self.results += [("arc", arc.result)]
+        elif dmarc_outcome is not None:  # DMARC-evaluated mail without ARC fields
+            self.results += [("arc", "none")]
         parts = [_describe(o) for o in outcomes]
         if arc is not None:
             parts.append(f"arc={arc.result}")
