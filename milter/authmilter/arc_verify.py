@@ -60,7 +60,7 @@ import ipaddress
 import re
 import time
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import dkim
 from cryptography.exceptions import InvalidSignature
@@ -87,7 +87,16 @@ from authmilter.dkim_verify import (  # the DKIM tag grammar (RFC 6376 §3.5) is
 )
 from authmilter.keys import MIN_RSA_BITS
 
-__all__ = ["MAX_INSTANCES", "ArcOutcome", "ArcSet", "plan_body_hashes", "verify_chain"]
+__all__ = [
+    "MAX_INSTANCES",
+    "ArcOutcome",
+    "ArcSet",
+    "arc_set_fields",
+    "feed_seal",
+    "newest_seal_cv",
+    "plan_body_hashes",
+    "verify_chain",
+]
 
 #: RFC 8617 §4.2.1: at most 50 ARC Sets.
 MAX_INSTANCES: Final = 50
@@ -290,14 +299,53 @@ def _tags(what: str, value: bytes) -> dict[str, str]:
         raise _Fail(f"{what}: {exc.reason}") from None
 
 
+def _newest_cv(sets: dict[int, _Instance]) -> str | None:
+    """The ``cv=`` of the highest-instance ARC-Seal, if there is exactly one."""
+    newest = sets[max(sets)].seal
+    if len(newest) != 1:
+        return None
+    return _tags("AS", newest[0][2]).get("cv", "").strip(FWS).lower()
+
+
+def newest_seal_cv(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The ``cv=`` of the newest ARC-Seal in ``headers`` (lower case), or ``None`` when there
+    is no ARC field or the newest seal cannot be read. A sealer must not add a set above
+    ``cv=fail`` (RFC 8617 §5.1 step 1)."""
+    try:
+        sets = _collect(headers)
+        return _newest_cv(sets) if sets else None
+    except _Fail:
+        return None
+
+
+def arc_set_fields(headers: list[tuple[bytes, bytes]]) -> dict[int, list[tuple[bytes, bytes]]]:
+    """Each instance's fields as ``[AAR, AMS, AS]`` (name, value), for a sealer to sign.
+
+    :raises ValueError: the chain's structure is broken (RFC 8617 §5.2 steps 1-3).
+    """
+    try:
+        sets = _collect(headers)
+        if sets:
+            _check_structure(sets)
+    except _Fail as exc:
+        raise ValueError(str(exc)) from None
+    return {i: [e.aar[0][1:], e.ams[0][1:], e.seal[0][1:]] for i, e in sets.items()}
+
+
+def feed_seal(hasher: Any, signed: list[tuple[bytes, bytes]], seal: tuple[bytes, bytes]) -> None:
+    """Feed ``hasher`` what an ARC-Seal signs (RFC 8617 §5.1.1): the ``signed`` fields in
+    order, then ``seal`` (its ``b=`` empty when signing), relaxed, without the final CRLF.
+    Shared by the verifier and :mod:`authmilter.arc_sign`."""
+    for name, value in _RELAXED.canonicalize_headers(signed):
+        hasher.update(name + b":" + value)
+    dkim.hash_headers(hasher, _RELAXED, [], [], seal, None)
+
+
 def _check_structure(sets: dict[int, _Instance]) -> int:
     """RFC 8617 §5.2 step 3 (with step 2 first); returns N."""
     count = max(sets)
-    newest = sets[count].seal
-    if len(newest) == 1:
-        cv = _tags("AS", newest[0][2]).get("cv", "").strip(FWS).lower()
-        if cv == "fail":
-            raise _Fail(f"ARC-Seal i={count} has cv=fail (RFC 8617 §5.2 step 2)")
+    if _newest_cv(sets) == "fail":
+        raise _Fail(f"ARC-Seal i={count} has cv=fail (RFC 8617 §5.2 step 2)")
     for instance in range(1, count + 1):
         entry = sets.get(instance)
         if entry is None:
@@ -527,9 +575,7 @@ class _Checker:
             if i < instance:
                 signed.append(entry.seal[0][1:])
         hasher = hashlib.sha256()
-        for name, value in _RELAXED.canonicalize_headers(signed):
-            hasher.update(name + b":" + value)
-        dkim.hash_headers(hasher, _RELAXED, [], [], sets[instance].seal[0][1:], None)
+        feed_seal(hasher, signed, sets[instance].seal[0][1:])
         public = self.public_key(what, seal.domain, seal.selector)
         if not self.rsa_verify(public, seal.signature, hasher.digest()):
             raise _Fail(f"{what}: seal did not verify")

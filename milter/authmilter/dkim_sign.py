@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dkim
 from cryptography.hazmat.primitives import hashes
@@ -75,7 +76,7 @@ def _fold_tags(tags: Sequence[tuple[str, str]]) -> bytes:
     return "\r\n\t".join(line for line in lines if line).encode("ascii")
 
 
-def _chunks(value: str, width: int = 72) -> str:
+def fold_base64(value: str, width: int = 72) -> str:
     """Break a long base64 value with FWS (allowed inside b= and bh=, RFC 6376 §3.5)."""
     return "\r\n\t ".join(value[i : i + width] for i in range(0, len(value), width))
 
@@ -125,17 +126,35 @@ def sign(headers: Sequence[tuple[bytes, bytes]], body: bytes | None, key: Signin
     tags.append(("t", str(now)))
     if policy.ttl:
         tags.append(("x", str(now + policy.ttl)))
-    tags += [("h", ":".join(include)), ("bh", _chunks(bh)), ("b", "")]
-    unsigned = b" " + _fold_tags(tags)
-
+    tags += [("h", ":".join(include)), ("bh", fold_base64(bh))]
     # RFC 6376 §3.7: the selected fields, then this field with an empty b=, without its CRLF.
-    data = hasher()
-    dkim.hash_headers(data, canon, canon.canonicalize_headers(list(headers)),
-                      [h.encode() for h in include], (b"DKIM-Signature", unsigned),
-                      None)  # fmt: skip
+    canonical = canon.canonicalize_headers(list(headers))
+    return sign_tags(
+        tags, key, algorithm, b"DKIM-Signature",
+        lambda data, field: dkim.hash_headers(data, canon, canonical,
+                                              [h.encode() for h in include], field, None),
+    )  # fmt: skip
+
+
+def sign_tags(
+    tags: Sequence[tuple[str, str]],
+    key: SigningKey,
+    algorithm: SignatureAlgorithm,
+    name: bytes,
+    hash_fields: Callable[[Any, tuple[bytes, bytes]], None],
+) -> bytes:
+    """Fold ``tags`` plus an empty ``b=``, sign and return the value with ``b=`` filled in.
+
+    ``hash_fields(hasher, (name, unsigned value))`` feeds the hasher what the signature
+    covers (for DKIM: the selected header fields, then this field with its ``b=`` empty).
+    Shared by DKIM-Signature and the ARC signatures (:mod:`authmilter.arc_sign`).
+    """
+    unsigned = b" " + _fold_tags([*tags, ("b", "")])
+    data = hashlib.sha1() if algorithm is SignatureAlgorithm.RSA_SHA1 else hashlib.sha256()
+    hash_fields(data, (name, unsigned))
     signature = _sign_digest(key, data.digest(), algorithm)
     b64 = base64.b64encode(signature).decode()
-    return unsigned[1:] + _chunks(b64).encode()
+    return unsigned[1:] + fold_base64(b64).encode()
 
 
 def _sign_digest(key: SigningKey, digest: bytes, algorithm: SignatureAlgorithm) -> bytes:
