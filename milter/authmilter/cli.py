@@ -133,14 +133,9 @@ def build_context(cfg: Config, err: TextIO) -> Context:
     :raises ConfigError: on the first one that cannot be used.
     """
     from authmilter.pipeline import Context
-    from authmilter.resolver import Resolver
+    from authmilter.resolver import config_resolver
 
-    try:
-        # DNSTimeout 0 means "wait forever" to OpenDKIM; a milter must answer Postfix in time.
-        resolver = Resolver(cfg.nameservers or None, timeout=float(cfg.dns_timeout or 30))
-    except ValueError as e:
-        raise ConfigError(f"Nameservers: {e}", cfg.location("nameservers")) from None
-    ctx = Context.build(cfg, resolver=resolver)
+    ctx = Context.build(cfg, resolver=config_resolver(cfg))
     for warning in ctx.dataset_warnings():
         print(f"authmilter: warning: {warning}", file=err)
     for name, where in ctx.keys.dangling_names():

@@ -68,6 +68,7 @@ __all__ = [
     "evaluate",
     "parse_record",
     "treewalk_names",
+    "org_domain_finder",
     "treewalk_org_domain",
 ]
 
@@ -440,6 +441,20 @@ def treewalk_org_domain(resolver: DnsLookup, domain: str) -> str:
     :raises DNSTempError: a lookup of the walk failed transiently.
     """
     return _walk_org(resolver, domain)
+
+
+def org_domain_finder(method: str, psl_path: str | None,
+                      resolver: DnsLookup) -> Callable[[str], str]:  # fmt: skip
+    """The organizational domain of a name by ``OrganizationalDomainMethod`` (``psl``: the
+    public suffix list at ``psl_path`` or the packaged one; ``treewalk``: the DMARCbis tree
+    walk over ``resolver``), for the code that needs it outside one message's evaluation
+    (report destinations, DKIM ordering in reports).
+
+    :raises ConfigError: the PSL file cannot be read.
+    """
+    if method == OrgDomainMethod.TREEWALK.value:
+        return lambda domain: treewalk_org_domain(resolver, domain)
+    return PublicSuffix(psl_path).org_domain
 
 
 def domain_exists(resolver: DnsLookup, domain: str) -> bool:

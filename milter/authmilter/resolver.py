@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.flags
@@ -46,6 +47,9 @@ import dns.resolver
 
 from authmilter import metrics
 from authmilter.errors import ConfigError, DNSNameNotFound, DNSPermError, DNSTempError
+
+if TYPE_CHECKING:
+    from authmilter.config import Config
 
 __all__ = [
     "DEFAULT_PORT",
@@ -530,3 +534,18 @@ def _classify_no_nameservers(exc: dns.resolver.NoNameservers, what: str) -> Exce
     if kinds == {True}:
         return DNSPermError(f"{what}: malformed answer ({detail})")
     return DNSTempError(f"{what}: no nameserver gave an answer ({detail})")
+
+
+def config_resolver(cfg: Config) -> Resolver:
+    """The resolver a configuration names (``Nameservers``, ``DNSTimeout``), as the milter,
+    ``reports send`` and the failure reporter each use it.
+
+    ``DNSTimeout 0`` means "wait forever" to OpenDKIM; a milter must answer Postfix in time,
+    so 0 is 30 seconds here.
+
+    :raises ConfigError: a ``Nameservers`` entry that is not an address, at its line.
+    """
+    try:
+        return Resolver(cfg.nameservers or None, timeout=float(cfg.dns_timeout or 30))
+    except ValueError as e:
+        raise ConfigError(f"Nameservers: {e}", cfg.location("nameservers")) from None

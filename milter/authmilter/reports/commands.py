@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from authmilter.config import Config
-from authmilter.errors import ConfigError
 from authmilter.reports.record import DmarcEvent
 
-__all__ = ["ShowRow", "add_reports_parser", "org_domain_function", "show_rows"]
+__all__ = ["ShowRow", "add_reports_parser", "show_rows"]
 
 
 def add_reports_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -65,27 +64,6 @@ def _day(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day written YYYY-MM-DD") from None
 
 
-def org_domain_function(cfg: Config, resolver: object) -> Callable[[str], str]:
-    """The organizational domain of a name, by the configured method (PSL or tree walk)."""
-    from authmilter import dmarc
-
-    if cfg.organizational_domain_method == "treewalk":
-        def walk(domain: str) -> str:
-            return dmarc.treewalk_org_domain(resolver, domain)  # type: ignore[arg-type]
-
-        return walk
-    return dmarc.PublicSuffix(cfg.public_suffix_list).org_domain
-
-
-def _resolver(cfg: Config) -> object:
-    from authmilter.resolver import Resolver
-
-    try:
-        return Resolver(cfg.nameservers or None, timeout=float(cfg.dns_timeout or 30))
-    except ValueError as e:
-        raise ConfigError(f"Nameservers: {e}", cfg.location("nameservers")) from None
-
-
 def _as_user_id(cfg: Config) -> None:
     """Started as root, become the ``UserID`` user, as the workers that write the database
     are: a database file (or SQLite's ``-wal``/``-shm``) made by root would lock them out."""
@@ -102,16 +80,20 @@ def _as_user_id(cfg: Config) -> None:
 def cmd_send(ns: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """``authmilter reports send``."""
     from authmilter.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_from_args
+    from authmilter.dmarc import org_domain_finder
     from authmilter.reports import send
+    from authmilter.resolver import config_resolver
 
     if ns.out and not ns.dry_run:
         print("authmilter: reports send: --out needs --dry-run", file=err)
         return EXIT_USAGE
     cfg = load_from_args(ns, err).config
     _as_user_id(cfg)
-    resolver = _resolver(cfg)
-    summary = send.run(cfg, resolver, org_domain_function(cfg, resolver),  # type: ignore[arg-type]
-                       period=ns.period, dry_run=ns.dry_run, out=ns.out)  # fmt: skip
+    resolver = config_resolver(cfg)
+    org_domain = org_domain_finder(cfg.organizational_domain_method, cfg.public_suffix_list,
+                                   resolver)  # fmt: skip
+    summary = send.run(cfg, resolver, org_domain, period=ns.period, dry_run=ns.dry_run,
+                       out=ns.out)  # fmt: skip
     for line in summary.lines():
         print(line, file=out)
     if not summary.lines():

@@ -560,17 +560,14 @@ class FailureReporter(Background):
 
     def _resolver_and_org(self) -> tuple[dmarc.DnsLookup, Callable[[str], str]]:
         if self._resolver is None:
-            from authmilter.resolver import Resolver
+            from authmilter.resolver import config_resolver
 
-            self._resolver = Resolver(self.cfg.nameservers or None,
-                                      timeout=float(self.cfg.dns_timeout or 30))  # fmt: skip
-        resolver = self._resolver
+            self._resolver = config_resolver(self.cfg)
         if self._org_domain is None:
-            if self.cfg.organizational_domain_method == dmarc.OrgDomainMethod.TREEWALK.value:
-                self._org_domain = lambda name: dmarc.treewalk_org_domain(resolver, name)
-            else:
-                self._org_domain = dmarc.PublicSuffix(self.cfg.public_suffix_list).org_domain
-        return resolver, self._org_domain
+            self._org_domain = dmarc.org_domain_finder(self.cfg.organizational_domain_method,
+                                                       self.cfg.public_suffix_list,
+                                                       self._resolver)  # fmt: skip
+        return self._resolver, self._org_domain
 
     def _send(self, event: DmarcEvent, context: MessageContext, why: str) -> None:
         domain = event.policy_domain
