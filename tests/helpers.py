@@ -508,3 +508,19 @@ class Notifications:
         self.seen = next(i for i in range(self.seen, len(self.received))
                          if state in self.received[i].splitlines()) + 1  # fmt: skip
         return self.received
+
+
+def recording_zones() -> dict[str, str]:
+    """The zones of the DMARC-recording tests through Postfix: good.test (``p=none``, SPF
+    allows 198.51.100.0/24, where OUTSIDE is) and spoofed.test (``p=reject``, SPF elsewhere),
+    both with an rua."""
+    return {
+        "good.test": make_zone("good.test", [
+            ("@", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"'),
+            ("_dmarc", "TXT", '"v=DMARC1; p=none; rua=mailto:agg@good.test"'),
+        ]),
+        "spoofed.test": make_zone("spoofed.test", [
+            ("@", "TXT", '"v=spf1 ip4:203.0.113.5 -all"'),
+            ("_dmarc", "TXT", '"v=DMARC1; p=reject; rua=mailto:agg@spoofed.test"'),
+        ]),
+    }  # fmt: skip

@@ -30,8 +30,8 @@ from authmilter.config import Config, DatabaseURL, parse_report_database
 from authmilter.errors import ConfigError
 from authmilter.reports import aggregate, store
 from authmilter.reports.record import DmarcEvent
-from dnsserver import NsdServer, make_zone
-from helpers import OUTSIDE, message
+from dnsserver import NsdServer
+from helpers import OUTSIDE, message, recording_zones
 from milter_fixture import AuthmilterProcess
 from pg_fixture import PostgresServer, wait_until
 from postfix_fixture import PostfixInstance, SmtpPermfail, free_port
@@ -236,16 +236,7 @@ CLIENTS = (OUTSIDE, "198.51.100.26")  # the outside client each MX sees (both in
 
 @pytest.fixture(scope="module")
 def nsd(nsd_server_module) -> NsdServer:  # type: ignore[no-untyped-def]
-    return nsd_server_module({  # type: ignore[no-any-return]
-        "good.test": make_zone("good.test", [
-            ("@", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"'),
-            ("_dmarc", "TXT", '"v=DMARC1; p=none; rua=mailto:agg@good.test"'),
-        ]),
-        "spoofed.test": make_zone("spoofed.test", [
-            ("@", "TXT", '"v=spf1 ip4:203.0.113.5 -all"'),
-            ("_dmarc", "TXT", '"v=DMARC1; p=reject; rua=mailto:agg@spoofed.test"'),
-        ]),
-    })  # fmt: skip
+    return nsd_server_module(recording_zones())  # type: ignore[no-any-return]
 
 
 class Host:

@@ -34,6 +34,7 @@ from helpers import (  # noqa: F401 - keys: the helpers fixture
     dkim_sign,
     keys,
     message,
+    recording_zones,
     run,
 )
 from milter_fixture import AuthmilterProcess
@@ -334,16 +335,7 @@ def test_the_adapter_gives_the_verdict_when_the_database_is_unwritable(
 
 @pytest.fixture(scope="module")
 def nsd(nsd_server_module) -> NsdServer:  # type: ignore[no-untyped-def]
-    return nsd_server_module({
-        "good.test": make_zone("good.test", [
-            ("@", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"'),
-            ("_dmarc", "TXT", '"v=DMARC1; p=none; rua=mailto:agg@good.test"'),
-        ]),
-        "spoofed.test": make_zone("spoofed.test", [
-            ("@", "TXT", '"v=spf1 ip4:203.0.113.5 -all"'),
-            ("_dmarc", "TXT", '"v=DMARC1; p=reject; rua=mailto:agg@spoofed.test"'),
-        ]),
-    })  # fmt: skip
+    return nsd_server_module(recording_zones())
 
 
 def test_inbound_mail_through_postfix_becomes_rows_and_a_report(nsd: NsdServer) -> None:

@@ -44,7 +44,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from email import message_from_bytes
 from email.policy import SMTP
 from typing import Any, Protocol
 
@@ -172,7 +171,6 @@ def database_url(cfg: Config) -> str:
 class _Env:
     cfg: Config
     db: Any  # store.Database
-    url: str
     org: ReportingOrg
     resolver: TxtLookup
     org_domain: Callable[[str], str]
@@ -203,7 +201,7 @@ def run(cfg: Config, resolver: TxtLookup, org_domain: Callable[[str], str], *,
     try:
         db.ensure_schema(SCHEMA)
         # Every name's organizational domain once per run (a tree walk asks DNS).
-        env = _Env(cfg, db, url, org, resolver, functools.lru_cache(maxsize=4096)(org_domain),
+        env = _Env(cfg, db, org, resolver, functools.lru_cache(maxsize=4096)(org_domain),
                    now, summary)  # fmt: skip
         days = [period] if period is not None else complete_days(now)
         for day in days:
@@ -439,20 +437,3 @@ def queue_rows(url: str) -> list[dict[str, Any]]:
         item["outcome"] = json.loads(item["outcome"])
         out.append(item)
     return out
-
-
-def stored_message(url: str, domain: str, day: dt.date) -> bytes | None:
-    """The message stored for a report (``None`` when there is none)."""
-    db = store.open_database(url)
-    try:
-        db.ensure_schema(SCHEMA)
-        rows = db.execute("SELECT message FROM dmarc_aggregate_reports WHERE policy_domain = ? "
-                          "AND day = ?", (domain, day.isoformat()))  # fmt: skip
-    finally:
-        db.close()
-    return rows[0][0].encode("ascii") if rows and rows[0][0] else None
-
-
-def parse_message(data: bytes) -> Any:
-    """A stored or delivered report message, parsed (for tests and ``reports show``)."""
-    return message_from_bytes(data, policy=SMTP)
