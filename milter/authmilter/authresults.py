@@ -113,13 +113,17 @@ def _spf_clause(outcome: SpfOutcome) -> authres.SPFAuthenticationResult:
     )
 
 
-def _dmarc_clause(outcome: DmarcOutcome) -> authres.dmarc.DMARCAuthenticationResult:
-    """OpenDMARC's shape: ``dmarc=fail (p=reject dis=quarantine) header.from=… policy.dmarc=…``."""
+def _dmarc_clause(outcome: DmarcOutcome,
+                  note: str | None = None) -> authres.dmarc.DMARCAuthenticationResult:  # fmt: skip
+    """OpenDMARC's shape: ``dmarc=fail (p=reject dis=quarantine) header.from=… policy.dmarc=…``;
+    ``note`` is added to the comment after ``;``."""
     comment = None
     if outcome.policy is not None:
         comment = f"p={outcome.policy.value} dis={outcome.disposition.value}"
     elif outcome.result is DmarcResult.NONE and outcome.from_domain:
         comment = "p=none dis=none"  # OpenDMARC's comment for a domain without a record
+    if note:
+        comment = f"{comment}; {note}" if comment else note
     return authres.dmarc.DMARCAuthenticationResult(
         result=outcome.result.value,
         result_comment=_comment_safe(comment),
@@ -149,13 +153,15 @@ def _arc_clause(outcome: ArcOutcome, remote_ip: str | None) -> authres.arc.ARCAu
 
 def build(authserv_id: str, *, dkim: Sequence[DkimOutcome] = (), spf: SpfOutcome | None = None,
           dmarc: DmarcOutcome | None = None, arc: ArcOutcome | None = None,
-          remote_ip: str | None = None, header_b: bool = True) -> str:  # fmt: skip
+          remote_ip: str | None = None, header_b: bool = True,
+          dmarc_note: str | None = None) -> str:  # fmt: skip
     """The value of our Authentication-Results field (without the field name): DKIM clauses,
     then SPF, then ARC (when the message has ARC fields), then DMARC, as OpenDKIM and OpenDMARC
     order theirs.
 
     ``header_b=False`` implements OpenDKIM's ``NoHeaderB``; ``remote_ip`` is the client, the
-    ARC clause's ``smtp.remote-ip``.
+    ARC clause's ``smtp.remote-ip``; ``dmarc_note`` goes into the DMARC clause's comment
+    (a trusted ARC sealer's override).
     """
     results = [str(_dkim_clause(o, header_b=header_b)) for o in dkim]
     if spf is not None:
@@ -163,7 +169,7 @@ def build(authserv_id: str, *, dkim: Sequence[DkimOutcome] = (), spf: SpfOutcome
     if arc is not None:
         results.append(str(_arc_clause(arc, remote_ip)))
     if dmarc is not None:
-        results.append(str(_dmarc_clause(dmarc)))
+        results.append(str(_dmarc_clause(dmarc, dmarc_note)))
     # authres would lower-case the authserv-id and not quote it; keep it as given, quoted when
     # it is not a token (AuthservIDWithJobID adds "/queue-id").
     aid = QuotableValue(authserv_id).quote_if_needed()
@@ -268,3 +274,16 @@ def trusted_upstream(values: Iterable[str], trusted: Sequence[str]) -> Upstream:
                 if d:
                     dkim.append(str(d).lower())
     return Upstream(spf_result, spf_mailfrom, tuple(dict.fromkeys(dkim)))
+
+
+def result_of(value: str, method: str) -> str | None:
+    """The result of the first ``method`` clause (``arc``, ``dmarc`` …) of an
+    Authentication-Results value, lower-case; ``None`` when absent or unparseable."""
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse_value(value)
+    except Exception:  # noqa: BLE001 - authres raises its own and builtin errors on junk
+        return None
+    for r in parsed.results:
+        if str(r.method).lower() == method:
+            return str(r.result).lower()
+    return None

@@ -344,10 +344,15 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("WeakSyntaxChecks", Kind.BOOL, False, D, IG, "Not implemented."),
     # -- OpenDMARC --------------------------------------------------------------------------
     _d("CopyFailuresTo", Kind.STRING, None, M, IG, "Not implemented."),
-    _d("DomainWhitelist", Kind.STRING, None, M, IG, "ARC is not evaluated by this version.",
+    _d("DomainWhitelist", Kind.LIST, (), M, S,
+       "OpenDMARC's trusted ARC sealer domains: read as ARCTrustedSealers entries (both lists "
+       "are used), with a warning saying so.",
        "dmarc_domain_whitelist"),  # not policyd-spf's Domain_Whitelist
-    _d("DomainWhitelistFile", Kind.STRING, None, M, IG, "ARC is not evaluated by this version."),
-    _d("DomainWhitelistSize", Kind.INT, 0, M, IG, "ARC is not evaluated by this version."),
+    _d("DomainWhitelistFile", Kind.STRING, None, M, S,
+       "A file of trusted ARC sealer domains, one per line: read as ARCTrustedSealers entries, "
+       "with a warning saying so."),
+    _d("DomainWhitelistSize", Kind.INT, 0, M, IG,
+       "The trusted sealer list has no fixed capacity."),
     _d("FailureReports", Kind.BOOL, False, M, S,
        "Send RFC 9991 failure reports (AFRF, headers only) to the `ruf=` of a failing "
        "domain whose `fo=` asks for one; off by default, as OpenDMARC (docs/reports.md)."),
@@ -482,6 +487,20 @@ DIRECTIVES: tuple[Directive, ...] = (
        "Failure reports per policy domain per hour, at most (per worker process)."),
     _d("FailureReportsPerHour", Kind.INT, 100, A, S,
        "Failure reports per hour in all, at most (per worker process)."),
+    _d("ARCSign", Kind.CHOICE, "none", A, S,
+       "Which mail gets an ARC Set (RFC 8617): `none` (default); `inbound`: verified inbound "
+       "mail, sealed with our Authentication-Results, so mail the MTA forwards carries them; "
+       "`outbound`: mail from internal or authenticated clients that carries an "
+       "Authentication-Results with our authserv-id (a mailing list resending what we "
+       "received); `both`. Needs ARCSealKey (docs/arc.md).",
+       "arc_sign", choices=("none", "inbound", "outbound", "both")),
+    _d("ARCSealKey", Kind.STRING, None, A, S,
+       "The KeyTable key name (an RSA key) that seals: its domain and selector are the "
+       "ARC-Seal's d= and s=."),
+    _d("ARCTrustedSealers", Kind.DATASET, None, A, S,
+       "Sealer domains (ARC-Seal d=) whose ARC results may rescue a DMARC failure: the chain "
+       "validates, every sealer from the newest to the one whose results are used is listed, "
+       "and those results pass DMARC; then the disposition is none (docs/arc.md)."),
     _d("SPFRejectAfterDMARC", Kind.BOOL, False, A, S,
        "Hold an SPF reject or defer (HELO_reject, Mail_From_reject …) until the end of the "
        "message and drop it when DMARC passes through an aligned DKIM signature, so forwarded "
@@ -613,6 +632,11 @@ class Config:
     failure_reports_per_domain: int = 10
     failure_reports_per_hour: int = 100
     spf_reject_after_dmarc: bool = False
+    arc_sign: str = "none"
+    arc_seal_key: str | None = None
+    arc_trusted_sealers: DatasetSpec | None = None
+    dmarc_domain_whitelist: tuple[str, ...] = ()
+    domain_whitelist_file: str | None = None
     # Provenance, not configuration.
     ignored: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     where: Mapping[str, Location] = field(default_factory=dict, compare=False)
@@ -1139,6 +1163,23 @@ def _check_combinations(values: dict[str, Any], where: Mapping[str, Location],
         if address is not None and not _plain_address(address):
             raise ConfigError(f"{_name_of(attr)}: {address!r} is not an address like "
                               "dmarc-reports@example.net", where.get(attr))  # fmt: skip
+    arc_sign = values.get("arc_sign", "none")
+    if arc_sign != "none" and not values.get("arc_seal_key"):
+        raise ConfigError(f"ARCSign {arc_sign} needs ARCSealKey (a KeyTable key name)",
+                          where.get("arc_sign"))  # fmt: skip
+    if values.get("arc_seal_key") and "key_table" not in values:
+        raise ConfigError("ARCSealKey names a KeyTable key, but no KeyTable is set",
+                          where.get("arc_seal_key"))  # fmt: skip
+    if values.get("arc_seal_key") and arc_sign == "none":
+        warnings.append(ConfigWarning("ARCSealKey has no effect while ARCSign is none",
+                                      where.get("arc_seal_key")))  # fmt: skip
+    for attr in ("dmarc_domain_whitelist", "domain_whitelist_file"):
+        if values.get(attr):
+            name = "DomainWhitelist" if attr == "dmarc_domain_whitelist" else _name_of(attr)
+            warnings.append(ConfigWarning(
+                f"{name} (OpenDMARC's trusted ARC domains) is read as ARCTrustedSealers "
+                "entries: a DMARC failure is overridden when a chain these domains sealed "
+                "validates and its results pass DMARC (docs/arc.md)", where.get(attr)))
     mkb = values.get("minimum_key_bits")
     if mkb is not None and 0 < mkb < 1024:
         warnings.append(ConfigWarning(

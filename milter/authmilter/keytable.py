@@ -154,6 +154,21 @@ class KeyStore:
                 out.append((keyname, where))
         return out
 
+    def named_key(self, name: str, where: Location | None = None) -> SigningKey:
+        """The KeyTable key called ``name``, for a directive that names one (ARCSealKey).
+
+        :raises ConfigError: at ``where`` when there is no such key, or its domain or key
+            file depends on the From domain (``%``).
+        """
+        entry = self._entries.get(name)
+        if entry is None:
+            known = ", ".join(self._entries) or "none"
+            raise ConfigError(f"no KeyTable key named '{name}' (keys: {known})", where)
+        if entry.domain == "%" or "%" in entry.key_source:
+            raise ConfigError(f"KeyTable key '{name}' depends on the From domain ('%'); name "
+                              "a key with a fixed domain and key file", where)  # fmt: skip
+        return SigningKey(entry.name, entry.domain, entry.selector, self._loaded[name])
+
     def keys_for(self, address: str) -> list[SigningKey]:
         """The keys that sign mail whose From address is ``address`` (first match, or all
         with MultipleSignatures), in SigningTable order.

@@ -12,13 +12,13 @@ import random
 import re
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from authmilter import addresses, arc_verify, authresults, dmarc
+from authmilter import addresses, arc_sign, arc_trust, arc_verify, authresults, dmarc
 from authmilter.arc_verify import ArcOutcome
 from authmilter.body_hash import BodyHashes
 from authmilter.config import Action, Config, DatasetSpec, SignatureAlgorithm
@@ -134,6 +134,40 @@ class Verdict:
     report_context: MessageContext | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Results:
+    """The one value the end-of-message steps fill in, in order (:meth:`Transaction._eom`):
+    evaluate (DKIM, ARC; SPF came at RCPT) → DMARC → decide → render → seal and sign →
+    record. Each step returns a new value; one that settles the message sets ``done``."""
+
+    qid: str
+    edits: tuple[AddHeader | DeleteHeader, ...] = ()
+    #: A verdict that ends the message here (a header reject, a signing error).
+    done: Verdict | None = None
+    author: addresses.AuthorDomain | None = None
+    dkim: tuple[DkimOutcome, ...] = ()
+    dkim_action: Action = Action.ACCEPT
+    dkim_why: str = ""
+    dkim_problem: DkimProblem | None = None
+    arc: ArcOutcome | None = None
+    #: The DMARC outcome; after :meth:`Transaction._decide` with the disposition applied.
+    dmarc: DmarcOutcome | None = None
+    #: The disposition DMARC asked for (t=y and pct applied, before local policy).
+    evaluated: DmarcPolicy | None = None
+    #: A trusted ARC sealer's results that turned a DMARC failure into disposition none.
+    rescue: arc_trust.Rescue | None = None
+    action: Action = Action.ACCEPT
+    reply: Reply | None = None
+    why: str = ""
+    #: Why a held SPF reply still applies (SPFRejectAfterDMARC); empty when dropped.
+    spf_why: str = ""
+    #: Our Authentication-Results value as added (``authserv-id; results``).
+    ar: str | None = None
+    log: str = ""
+    event: DmarcEvent | None = None
+    context: MessageContext | None = None
+
+
 # -- the shared, read-only context ------------------------------------------------------------
 
 
@@ -202,6 +236,11 @@ class Context:
     org_method: dmarc.OrgDomainMethod = dmarc.OrgDomainMethod.PSL
     clock: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
+    #: ARCSign: which mail is sealed, and with which key (RFC 8617 §5.1).
+    arc_sign: str = "none"
+    arc_seal_key: SigningKey | None = None
+    #: ARCTrustedSealers, DomainWhitelist and DomainWhitelistFile: trusted sealer domains.
+    arc_trusted: tuple[Dataset, ...] = ()
 
     @classmethod
     def build(cls, cfg: Config, *, resolver: DnsResolver, keys: KeyStore | None = None,
@@ -254,9 +293,32 @@ class Context:
                                      for a in cfg.skip_addresses)  # fmt: skip
         ignore = hosts(cfg.ignore_hosts)
         assert ignore is not None
+        keys = keys if keys is not None else KeyStore.from_config(cfg)
+        seal_key = None
+        if cfg.arc_sign != "none":
+            where = cfg.location("arc_seal_key")
+            assert cfg.arc_seal_key is not None, "Config checks ARCSign needs ARCSealKey"
+            seal_key = keys.named_key(cfg.arc_seal_key, where)
+            if seal_key.key.algorithm is not KeyAlgorithm.RSA:
+                raise ConfigError(f"ARCSealKey {cfg.arc_seal_key}: ARC seals are rsa-sha256 "
+                                  f"only (RFC 8617 §4.1.3); this key is "
+                                  f"{seal_key.key.algorithm.value}", where)  # fmt: skip
+            if cfg.arc_sign in ("inbound", "both") and not cfg.verifying:
+                raise ConfigError(f"ARCSign {cfg.arc_sign} seals verified mail, but Mode "
+                                  f"{cfg.mode} does not verify", cfg.location("arc_sign"))
+        trusted: list[Dataset] = []
+        if cfg.arc_trusted_sealers is not None:
+            trusted.append(open_dataset(cfg.arc_trusted_sealers.spec,
+                                        where=cfg.arc_trusted_sealers.where))  # fmt: skip
+        if cfg.dmarc_domain_whitelist:
+            trusted.append(open_dataset("csl:" + ",".join(cfg.dmarc_domain_whitelist),
+                                        where=cfg.location("dmarc_domain_whitelist")))
+        if cfg.domain_whitelist_file:
+            trusted.append(open_dataset("file:" + cfg.domain_whitelist_file,
+                                        where=cfg.location("domain_whitelist_file")))
         return cls(
             config=cfg,
-            keys=keys if keys is not None else KeyStore.from_config(cfg),
+            keys=keys,
             resolver=resolver,
             authserv_id=cfg.authserv_id,
             authserv_id_from_mta=(cfg.location("authserv_id") is None
@@ -284,7 +346,20 @@ class Context:
             org_method=dmarc.OrgDomainMethod(cfg.organizational_domain_method),
             clock=clock,
             rand=rand,
+            arc_sign=cfg.arc_sign,
+            arc_seal_key=seal_key,
+            arc_trusted=tuple(trusted),
         )
+
+    def trusts_sealer(self, domain: str) -> bool:
+        """Whether ``domain`` (an ARC-Seal's d=) is a trusted sealer."""
+        name = domain.strip().rstrip(".")
+        return bool(name) and any(name in ds for ds in self.arc_trusted)
+
+    def seals(self, originating: bool) -> bool:
+        """Whether ARCSign asks to seal mail of this direction."""
+        wanted = ("outbound", "both") if originating else ("inbound", "both")
+        return self.arc_seal_key is not None and self.arc_sign in wanted
 
     def macro_names(self) -> tuple[str, ...]:
         """Every macro the pipeline may consult (for the adapter to fetch)."""
@@ -501,6 +576,8 @@ class Transaction:
                              max_signatures=cfg.maximum_signatures_to_verify)  # fmt: skip
             if _has_arc(self._wire):
                 arc_verify.plan_body_hashes(self._wire, self.bodies)
+        if self.ctx.seals(self.is_originating):
+            arc_sign.plan_body_hash(self.bodies)
 
     def body(self, chunk: bytes) -> None:
         """A piece of the body (CRLF line ends, as the milter protocol carries it)."""
@@ -526,9 +603,12 @@ class Transaction:
                                    direction=Direction.SIGN if signed else Direction.VERIFY)
 
     def _eom(self) -> Verdict:
+        """The end of the message as ordered steps over one :class:`Results` value: outbound
+        mail is signed then sealed; inbound mail is checked (RFC 5322), evaluated (DKIM, ARC;
+        SPF came at RCPT), judged by DMARC, decided, rendered into our Authentication-Results,
+        sealed, and recorded for reports. A step that settles the message sets ``done``."""
         cfg = self.ctx.config
         qid = self.macros.get("i") or "NOQUEUE"
-        edits: list[AddHeader | DeleteHeader] = list(self._forged_removals())
         limit = cfg.maximum_headers
         if limit and self.header_bytes > limit:
             return Verdict(action=Action.REJECT, edits=(),
@@ -537,14 +617,24 @@ class Transaction:
                                f"MaximumHeaders {limit}, action=reject")  # fmt: skip
 
         self.eoh()  # a no-op when the adapter called it already
-        author, originating = self.author, self.is_originating
+        r = Results(qid=qid, edits=tuple(self._forged_removals()))
         if self.sign_error is not None:
-            return self._sign_error(qid, edits, self.sign_error)
+            return self._sign_error(r, self.sign_error)
+        steps: tuple[Callable[[Results], Results], ...]
         if self.sign_keys:
-            return self._sign(qid, edits, self.sign_keys)
-        # DKIM keys and DMARC records share one budget, far below milter_content_timeout.
+            steps = (self._sign, self._seal)
+        else:
+            steps = (self._check_header, self._evaluate, self._judge_dmarc, self._decide,
+                     self._render, self._seal, self._record)  # fmt: skip
+        # DKIM and ARC keys and DMARC records share one budget, far below
+        # milter_content_timeout.
         with self.ctx.resolver.deadline(cfg.dns_deadline):
-            return self._inbound(qid, edits, originating, author)
+            for step in steps:
+                r = step(r)
+                if r.done is not None:
+                    return r.done
+        verdict = _verdict(r.action, list(r.edits), r.log, reply=r.reply, quarantine=r.why)
+        return dataclasses.replace(verdict, dmarc_event=r.event, report_context=r.context)
 
     def originating(self) -> bool:
         """OpenDKIM's signing criteria (opendkim(8), OPERATION): SMTP AUTH, InternalHosts,
@@ -571,14 +661,14 @@ class Transaction:
 
     # -- signing ------------------------------------------------------------------------------
 
-    def _sign(self, qid: str, edits: list[AddHeader | DeleteHeader],
-              keys: Iterable[SigningKey]) -> Verdict:  # fmt: skip
+    def _sign(self, r: Results) -> Results:
+        """Step: one DKIM-Signature per key, on top (the first key's topmost)."""
         wire = self.wire_headers()
         assert self.bodies is not None
         now = int(self.ctx.clock())
         added: list[AddHeader] = []
         described = []
-        for key in keys:
+        for key in self.sign_keys:
             try:
                 spec = body_hash_spec(key, self.ctx.signing_policy)
                 bh = self.bodies.get(*spec)
@@ -586,113 +676,226 @@ class Transaction:
                 value = sign(wire, None, key, self.ctx.signing_policy, now=now,
                              body_hash=bh.digest())  # fmt: skip
             except Exception as e:  # noqa: BLE001 - a key/library failure must not lose mail
-                verdict = self._sign_error(qid, edits, f"signing with {key.keyname} failed: {e}")
-                return dataclasses.replace(verdict, traceback=traceback.format_exc().rstrip())
+                verdict = self._sign_error(r, f"signing with {key.keyname} failed: {e}")
+                return dataclasses.replace(r, done=dataclasses.replace(
+                    verdict, traceback=traceback.format_exc().rstrip()))
             added.append(AddHeader("DKIM-Signature", _milter_folding(value)))
             described.append(f"d={key.domain} s={key.selector} a={self._algorithm(key)}")
         # Each insert goes to the top; insert in reverse so the first key's signature is on top.
-        edits.extend(reversed(added))
-        return Verdict(action=Action.ACCEPT, edits=tuple(edits),
-                       log=f"{qid}: signed {', '.join(described)}, action=accept")  # fmt: skip
+        return dataclasses.replace(
+            r, edits=(*r.edits, *reversed(added)),
+            log=f"{r.qid}: signed {', '.join(described)}, action=accept")  # fmt: skip
 
     def _algorithm(self, key: SigningKey) -> str:
         if key.key.algorithm is KeyAlgorithm.ED25519:
             return SignatureAlgorithm.ED25519_SHA256.value
         return self.ctx.signing_policy.rsa_algorithm.value
 
-    def _sign_error(self, qid: str, edits: list[AddHeader | DeleteHeader],
-                    why: str) -> Verdict:  # fmt: skip
+    def _sign_error(self, r: Results, why: str) -> Verdict:
         action = self.ctx.config.on_signature_error
-        return _verdict(action, edits, f"{qid}: signing error: {why}",
+        return _verdict(action, list(r.edits), f"{r.qid}: signing error: {why}",
                         reply=Reply("451", "4.7.0", "signing failed; try again later")
                         if action is Action.TEMPFAIL else
                         Reply("550", "5.7.0", "message could not be signed"))  # fmt: skip
 
+    # -- sealing (RFC 8617 §5.1) ----------------------------------------------------------------
+
+    def _seal(self, r: Results) -> Results:
+        """Step: add an ARC Set when ARCSign asks for this direction and the message goes on.
+
+        Inbound mail is sealed with the Authentication-Results just rendered and the chain
+        just verified. Outbound mail (a list resending what we received) is sealed with the
+        newest Authentication-Results of ours it carries, and that field's ``arc=`` result
+        stands for the chain as it arrived: the list's own changes since then (footer,
+        subject tag) would break the upstream AMS, which is exactly what ARC is there to
+        survive. Outbound mail without such a field is not sealed. A seal that cannot be
+        made (a chain ended by ``cv=fail``, 50 instances) is left out and said in the log;
+        it never costs the message."""
+        originating = self.is_originating
+        if (not self.ctx.seals(originating) or self.bodies is None
+                or r.action not in (Action.ACCEPT, Action.QUARANTINE)):  # fmt: skip
+            return r
+        key = self.ctx.arc_seal_key
+        assert key is not None
+        headers = _final_headers(self.wire_headers(), r.edits)
+        if originating:
+            found = self._our_results()
+            if found is None:
+                return r
+            aid, results_text, arc_result = found
+            chain = _chain_as_recorded(headers, arc_result)
+            if isinstance(chain, str):
+                return dataclasses.replace(r, log=f"{r.log} (not ARC-sealed: {chain})")
+        else:
+            if r.ar is None:
+                return r
+            aid, _sep, results_text = r.ar.partition(";")
+            chain = r.arc or ArcOutcome(result="none", reason="no ARC header fields")
+        try:
+            fields = arc_sign.seal(headers, self.bodies, key, authserv_id=aid.strip(),
+                                   ar_value=results_text.strip(), chain=chain,
+                                   now=self.ctx.clock())  # fmt: skip
+        except arc_sign.SealRefused as e:
+            return dataclasses.replace(r, log=f"{r.log} (not ARC-sealed: {e.reason})")
+        except Exception as e:  # noqa: BLE001 - a seal is not worth a message
+            log.exception("%s: ARC sealing failed", r.qid)
+            return dataclasses.replace(r, log=f"{r.log} (not ARC-sealed: {e})")
+        # Inserted at the top one after the other: AAR first, so the ARC-Seal ends on top.
+        added = tuple(AddHeader(name, _milter_folding(value.encode("ascii", "surrogateescape")))
+                      for name, value in reversed(fields))  # fmt: skip
+        note = f", ARC-sealed i={chain.instances + 1} d={key.domain} s={key.selector}"
+        return dataclasses.replace(r, edits=(*r.edits, *added), log=r.log + note)
+
+    def _our_results(self) -> tuple[str, str, str | None] | None:
+        """The newest incoming Authentication-Results with our authserv-id (on outbound mail
+        only we can have written it: forged ones were removed when the mail arrived), as
+        ``(authserv-id, results, arc result or None)``."""
+        ours = tuple(dict.fromkeys((self.authserv_id, self.ctx.authserv_id)))
+        for name, value in self.headers:
+            if name.lower() != authresults.HEADER.lower():
+                continue
+            text = _unfold(value)
+            if authresults.authserv_id_of(text) is None or not authresults.claims(text, ours):
+                continue
+            aid, _sep, rest = text.partition(";")
+            return aid.strip(), rest.strip(), authresults.result_of(text, "arc")
+        return None
+
     # -- verifying ----------------------------------------------------------------------------
 
-    def _inbound(self, qid: str, edits: list[AddHeader | DeleteHeader], originating: bool,
-                 author: str | None) -> Verdict:  # fmt: skip
-        """Mail we do not sign: RFC 5322 checks, DKIM, SPF (from RCPT time) and DMARC."""
+    def _check_header(self, r: Results) -> Results:
+        """Step: RFC 5322's header rules (RequiredHeaders) and RejectMultiValueFrom; the
+        author domain for DMARC."""
         cfg = self.ctx.config
+        qid = r.qid
         from_values = [_unfold(v) for n, v in self.headers if n.lower() == "from"]
         dates = sum(1 for n, _v in self.headers if n.lower() == "date")
+        why = detail = ""
+        xcode = "5.6.0"
         if cfg.required_headers and (len(from_values) != 1 or dates != 1):
             # RFC 5322 §3.6: exactly one From and one Date field.
             why = (f"the header must have exactly one From and one Date field (RFC 5322 "
                    f"section 3.6); it has {len(from_values)} From and {dates} Date")  # fmt: skip
-            return Verdict(action=Action.REJECT, reply=Reply("550", "5.6.0", why),
-                           log=f"{qid}: {why}, action=reject")  # fmt: skip
         author_domain = addresses.author_domain(from_values)
-        if cfg.required_headers and author_domain.status in (
+        if not why and cfg.required_headers and author_domain.status in (
                 addresses.FromStatus.ABSENT, addresses.FromStatus.UNPARSEABLE):  # fmt: skip
             # RFC 5322 §3.6.2: the From field holds the author's mailbox; without a domain
             # neither DMARC (RFC 7489 §6.6.1) nor a reader can tell who sent the message.
             why = (f"the From field names no author domain ({author_domain.detail}); "
                    "RFC 5322 section 3.6.2 requires an author mailbox")  # fmt: skip
-            return Verdict(action=Action.REJECT, reply=Reply("550", "5.6.0", why),
-                           log=f"{qid}: {why}, action=reject")  # fmt: skip
-        if (author_domain.status is addresses.FromStatus.MULTIPLE_DOMAINS
+        if (not why and author_domain.status is addresses.FromStatus.MULTIPLE_DOMAINS
                 and cfg.reject_multi_value_from):  # fmt: skip
-            why = "the From field lists addresses of several domains"
-            return Verdict(action=Action.REJECT, reply=Reply("550", "5.7.1", why),
-                           log=f"{qid}: {why} ({author_domain.detail}), action=reject")  # fmt: skip
+            why, xcode = "the From field lists addresses of several domains", "5.7.1"
+            detail = f" ({author_domain.detail})"
+        if why:
+            return dataclasses.replace(r, done=Verdict(
+                action=Action.REJECT, reply=Reply("550", xcode, why),
+                log=f"{qid}: {why}{detail}, action=reject"))  # fmt: skip
+        return dataclasses.replace(r, author=author_domain)
 
-        note = self._external_sender_note(originating, author)
-        outcomes: list[DkimOutcome] = []
-        dkim_action, dkim_why, problem = Action.ACCEPT, "", None
-        if cfg.verifying:
-            assert self.bodies is not None
-            outcomes = verify_fields(
-                self.wire_headers(), self.bodies, self.ctx.resolver,
-                max_signatures=cfg.maximum_signatures_to_verify,
-                minimum_key_bits=cfg.minimum_key_bits,
-                clock_drift=cfg.clock_drift,
-                now=self.ctx.clock(),
-            )  # fmt: skip
-            dkim_action, dkim_why, problem = choose_action(cfg, outcomes)
-        arc = self._arc() if cfg.verifying else None
+    def _evaluate(self, r: Results) -> Results:
+        """Step: DKIM signatures and the ARC chain (SPF was checked at RCPT time)."""
+        cfg = self.ctx.config
+        if not cfg.verifying:
+            return r
+        assert self.bodies is not None
+        outcomes = verify_fields(
+            self.wire_headers(), self.bodies, self.ctx.resolver,
+            max_signatures=cfg.maximum_signatures_to_verify,
+            minimum_key_bits=cfg.minimum_key_bits,
+            clock_drift=cfg.clock_drift,
+            now=self.ctx.clock(),
+        )  # fmt: skip
+        action, why, problem = choose_action(cfg, outcomes)
+        return dataclasses.replace(r, dkim=tuple(outcomes), dkim_action=action, dkim_why=why,
+                                   dkim_problem=problem, arc=self._arc())  # fmt: skip
+
+    def _judge_dmarc(self, r: Results) -> Results:
+        """Step: DMARC, and a trusted ARC sealer's rescue of a failure that would be
+        enforced (ARCTrustedSealers)."""
+        assert r.author is not None
+        outcome = self._dmarc(self.is_originating, r.author, list(r.dkim))
+        if outcome is None:
+            return r
+        rescue = None
+        if (outcome.result is DmarcResult.FAIL and outcome.disposition is not DmarcPolicy.NONE
+                and r.arc is not None and r.arc.passed and self.ctx.arc_trusted):  # fmt: skip
+            author = r.author
+
+            def passes(dkim: Sequence[DkimOutcome], spf: SpfOutcome | None) -> str | None:
+                o = dmarc.evaluate(self.ctx.resolver, author, dkim, spf,
+                                   method=self.ctx.org_method, psl=self.ctx.psl,
+                                   rand=self.ctx.rand)  # fmt: skip
+                if o.result is not DmarcResult.PASS:
+                    return None
+                return "dkim" if o.dkim_aligned else "spf"
+
+            rescue = arc_trust.find_rescue(r.arc, self.wire_headers(),
+                                           trusted=self.ctx.trusts_sealer,
+                                           passes=passes)  # fmt: skip
+        return dataclasses.replace(r, dmarc=outcome, evaluated=outcome.disposition,
+                                   rescue=rescue)  # fmt: skip
+
+    def _decide(self, r: Results) -> Results:
+        """Step: the action. DKIM's On-* and DMARC's enforcement, the stronger winning; an
+        SPF reject held for DMARC (SPFRejectAfterDMARC) when DMARC did not pass through
+        aligned DKIM. The DMARC outcome's disposition becomes the one applied."""
         dkim_reply = None
-        if dkim_action is Action.REJECT:
-            dkim_reply = Reply("550", "5.7.1", f"DKIM verification failed: {dkim_why}")
-        elif dkim_action is Action.TEMPFAIL:
+        if r.dkim_action is Action.REJECT:
+            dkim_reply = Reply("550", "5.7.1", f"DKIM verification failed: {r.dkim_why}")
+        elif r.dkim_action is Action.TEMPFAIL:
             # RFC 3463: X.4.3 directory server (DNS) failure; X.7.0 other security reasons.
-            xcode = "4.4.3" if problem is DkimProblem.DNS_ERROR else "4.7.0"
+            xcode = "4.4.3" if r.dkim_problem is DkimProblem.DNS_ERROR else "4.7.0"
             dkim_reply = Reply("451", xcode, f"DKIM verification could not be completed: "
-                                             f"{dkim_why}")  # fmt: skip
-
-        dmarc_outcome = self._dmarc(originating, author_domain, outcomes)
-        dmarc_action, dmarc_reply = self._dmarc_action(dmarc_outcome)
-        evaluated = dmarc_outcome.disposition if dmarc_outcome is not None else None
+                                             f"{r.dkim_why}")  # fmt: skip
+        dmarc_outcome = r.dmarc
+        if r.rescue is not None:
+            dmarc_action, dmarc_reply = Action.ACCEPT, None
+        else:
+            dmarc_action, dmarc_reply = self._dmarc_action(dmarc_outcome)
         if dmarc_outcome is not None:
             # dis= is what was done, as OpenDMARC writes it: quarantine only when held, none
-            # when the policy was not enforced (RejectFailures false, pct sampling, t=y).
+            # when the policy was not enforced (RejectFailures false, pct sampling, t=y, a
+            # trusted ARC sealer).
             dmarc_outcome = dataclasses.replace(dmarc_outcome, disposition=_APPLIED.get(
                 dmarc_action, DmarcPolicy.NONE))  # fmt: skip
-        action, reply, why = dkim_action, dkim_reply, dkim_why
-        if _SEVERITY[dmarc_action] > _SEVERITY[dkim_action]:
+        action, reply, why = r.dkim_action, dkim_reply, r.dkim_why
+        if _SEVERITY[dmarc_action] > _SEVERITY[action]:
             action, reply = dmarc_action, dmarc_reply
             why = f"DMARC {dmarc_outcome.result.value}" if dmarc_outcome else "DMARC"
-        spf_why = self._held_spf(dmarc_outcome)
+        # A trusted sealer's rescue drops a held SPF reply too: forwarding is what broke SPF.
+        spf_why = "" if r.rescue is not None else self._held_spf(dmarc_outcome)
         if spf_why and self.spf_held is not None:
             held = self.spf_held
             spf_action = Action.TEMPFAIL if held.code.startswith("4") else Action.REJECT
             # At RCPT it would have come first: it wins a tie, so a spoof gets the same code.
             if _SEVERITY[spf_action] >= _SEVERITY[action]:
                 action, reply, why = spf_action, held, spf_why
+        return dataclasses.replace(r, dmarc=dmarc_outcome, action=action, reply=reply, why=why,
+                                   spf_why=spf_why)  # fmt: skip
 
+    def _render(self, r: Results) -> Results:
+        """Step: Received-SPF and our one Authentication-Results; the log line and the
+        metrics' results."""
+        cfg = self.ctx.config
+        edits = list(r.edits)
+        outcomes, arc, dmarc_outcome = list(r.dkim), r.arc, r.dmarc
         if self.spf_header is not None:
             edits.append(self.spf_header)
         signed = any(o.result is not DkimResult.NONE for o in outcomes)
+        ar = None
         if signed or cfg.always_add_ar_header or self.spf or dmarc_outcome or arc:
             aid = self.authserv_id
             if cfg.authserv_id_with_job_id and self.macros.get("i"):
                 aid = f"{aid}/{self.macros['i']}"
             # dkim=none only with AlwaysAddARHeader, as OpenDKIM (which adds no field then).
             shown = outcomes if signed or cfg.always_add_ar_header else []
-            value = authresults.build(aid, dkim=shown, spf=self.spf, dmarc=dmarc_outcome,
-                                      arc=arc, remote_ip=self.conn.ip,
-                                      header_b=not cfg.no_header_b)  # fmt: skip
-            edits.append(AddHeader(authresults.HEADER, value))
+            override = f"ARC override: {r.rescue.comment}" if r.rescue is not None else None
+            ar = authresults.build(aid, dkim=shown, spf=self.spf, dmarc=dmarc_outcome,
+                                   arc=arc, remote_ip=self.conn.ip,
+                                   header_b=not cfg.no_header_b,
+                                   dmarc_note=override)  # fmt: skip
+            edits.append(AddHeader(authresults.HEADER, ar))
         self.results = [("dkim", o.result.value) for o in outcomes]
         self.results += [("spf", self.spf.result.value)] if self.spf else []
         self.results += [("dmarc", dmarc_outcome.result.value)] if dmarc_outcome else []
@@ -707,27 +910,34 @@ class Transaction:
                      f"spf=skipped ({self.spf_note})" if self.spf_note else "spf=none")
         if dmarc_outcome is not None:
             parts.append(_describe_dmarc(dmarc_outcome))
-        log = f"{qid}: {', '.join(parts)}{note}, action={action.value}"
-        log += f" ({why})" if why and action is not Action.ACCEPT else ""
-        if self.spf_held is not None and not spf_why:
-            log += " (SPF reject dropped: DMARC passed through aligned DKIM)"
-        verdict = _verdict(action, edits, log, reply=reply, quarantine=why)
-        # The report record, only when reporting asks for it (ReportDatabase, HistoryFile,
-        # FailureReports); making it never costs mail, and report mail gets none.
-        if (reports_wanted(cfg) and dmarc_outcome is not None and evaluated is not None
-                and not self._report_mail()):  # fmt: skip
-            try:
-                event = self._dmarc_event(dmarc_outcome, evaluated)
-                # The message as received: only HistoryFile and failure reports read it.
-                context = (self._report_context(dmarc_outcome) if event is not None and (
-                    cfg.history_file or cfg.failure_reports) else None)
-            except Exception:  # noqa: BLE001 - a record is not worth a message
-                logging.getLogger("authmilter").exception("%s: no DMARC report record", qid)
-                event = context = None
-            if event is not None:
-                verdict = dataclasses.replace(verdict, dmarc_event=event,
-                                              report_context=context)  # fmt: skip
-        return verdict
+        note = self._external_sender_note(self.is_originating, self.author)
+        line = f"{r.qid}: {', '.join(parts)}{note}, action={r.action.value}"
+        line += f" ({r.why})" if r.why and r.action is not Action.ACCEPT else ""
+        if r.rescue is not None:
+            line += (f" (DMARC failure overridden: trusted ARC sealer {r.rescue.sealer}, "
+                     f"i={r.rescue.instance}, {r.rescue.method})")  # fmt: skip
+        if self.spf_held is not None and not r.spf_why:
+            line += (" (SPF reject dropped: a trusted ARC sealer's results pass DMARC)"
+                     if r.rescue is not None else
+                     " (SPF reject dropped: DMARC passed through aligned DKIM)")  # fmt: skip
+        return dataclasses.replace(r, edits=tuple(edits), ar=ar, log=line)
+
+    def _record(self, r: Results) -> Results:
+        """Step: the report record, only when reporting asks for it (ReportDatabase,
+        HistoryFile, FailureReports); making it never costs mail, and report mail gets none."""
+        cfg = self.ctx.config
+        if (not reports_wanted(cfg) or r.dmarc is None or r.evaluated is None
+                or self._report_mail()):  # fmt: skip
+            return r
+        try:
+            event = self._dmarc_event(r.dmarc, r.evaluated, r.rescue)
+            # The message as received: only HistoryFile and failure reports read it.
+            context = (self._report_context(r.dmarc) if event is not None and (
+                cfg.history_file or cfg.failure_reports) else None)
+        except Exception:  # noqa: BLE001 - a record is not worth a message
+            log.exception("%s: no DMARC report record", r.qid)
+            return r
+        return dataclasses.replace(r, event=event, context=context)
 
     def _arc(self) -> ArcOutcome | None:
         """The ARC chain's validation (RFC 8617 §5.2); ``None`` for a message without ARC
@@ -765,10 +975,16 @@ class Transaction:
             helo=self.conn.helo or "",
         )
 
-    def _dmarc_event(self, outcome: DmarcOutcome, evaluated: DmarcPolicy) -> DmarcEvent | None:
+    def _dmarc_event(self, outcome: DmarcOutcome, evaluated: DmarcPolicy,
+                     rescue: arc_trust.Rescue | None = None) -> DmarcEvent | None:  # fmt: skip
         """The report record of a DMARC pass or fail (``outcome`` with the applied ``dis=``,
-        ``evaluated`` the disposition after t=y and pct only); ``None`` when there is none to
-        make: no policy record (result none, temperror, permerror) or no client address."""
+        ``evaluated`` the disposition after t=y and pct only, ``rescue`` a trusted ARC
+        sealer's override); ``None`` when there is none to make: no policy record (result
+        none, temperror, permerror) or no client address.
+
+        The aligned DKIM and SPF verdicts stay the evaluated ones (fail) under an ARC
+        override (RFC 9990); the reason says what overrode them: ``local_policy`` with RFC
+        8617 §7.2.2's comment (``arc=pass as[2].d=… as[2].s=… … remote-ip[1]=…``)."""
         record = outcome.record
         if (outcome.result not in (DmarcResult.PASS, DmarcResult.FAIL) or record is None
                 or outcome.policy is None or not outcome.from_domain
@@ -781,7 +997,9 @@ class Transaction:
                 overrides.append(("policy_test_mode", "t=y"))
             elif outcome.sampled_out:
                 overrides.append(("policy_test_mode", f"sampled out by pct={record.pct}"))
-            if outcome.disposition is not evaluated:
+            if rescue is not None:
+                overrides.append(("local_policy", rescue.comment))
+            elif outcome.disposition is not evaluated:
                 why = ("RejectFailures is off" if not cfg.reject_failures
                        else "HoldQuarantinedMessages is off")  # fmt: skip
                 overrides.append(("local_policy", why))
@@ -1031,6 +1249,54 @@ _ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-resul
 
 def _has_arc(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name.lower() in _ARC_FIELDS for name, _value in headers)
+
+
+def _final_headers(
+    wire: list[tuple[bytes, bytes]], edits: Iterable[AddHeader | DeleteHeader]
+) -> list[tuple[bytes, bytes]]:
+    """The header as it will leave us: ``wire`` with ``edits`` applied in order, as the MTA
+    applies them (what a seal added last must sign)."""
+    out = list(wire)
+    for edit in edits:
+        if isinstance(edit, DeleteHeader):
+            name = edit.name.lower().encode()
+            seen = 0
+            for i, (n, _v) in enumerate(out):
+                if n.lower() == name:
+                    seen += 1
+                    if seen == edit.occurrence:
+                        del out[i]
+                        break
+            continue
+        value = edit.value.replace("\r\n", "\n").replace("\n", "\r\n")
+        if not value.startswith((" ", "\t")):
+            value = " " + value
+        out.insert(edit.index, (edit.name.encode(), value.encode("utf-8", "surrogateescape")
+                                + b"\r\n"))  # fmt: skip
+    return out
+
+
+def _chain_as_recorded(headers: list[tuple[bytes, bytes]],
+                       result: str | None) -> ArcOutcome | str:  # fmt: skip
+    """The chain an outbound message arrived with, as our Authentication-Results recorded it
+    then (``arc=`` result ``result``), for sealing; a text saying why not when it cannot
+    stand for the ARC fields the message carries now."""
+    present = _has_arc(headers)
+    if result is None or result.lower() == "none":
+        if present:
+            return "our Authentication-Results has no arc= result for the chain it carries"
+        return ArcOutcome(result="none", reason="no ARC header fields")
+    result = result.lower()
+    if result not in ("pass", "fail"):
+        return f"our Authentication-Results says arc={result}"
+    try:
+        sets = arc_verify.arc_set_fields(headers)
+    except ValueError as e:
+        return f"the ARC header fields are broken: {e}"
+    if not sets:
+        return f"our Authentication-Results says arc={result}, but no ARC Set is left"
+    return ArcOutcome(result="pass" if result == "pass" else "fail",
+                      reason="as recorded on arrival", instances=max(sets))  # fmt: skip
 
 
 def reports_wanted(cfg: Config) -> bool:

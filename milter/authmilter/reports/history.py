@@ -48,8 +48,9 @@ Where each code comes from:
   disposition: 0 reject, 2 accept (``none``), 4 quarantine. It is the disposition applied:
   RejectFailures, HoldQuarantinedMessages, ``pct`` sampling and ``t=y`` are already in it.
 * ``arc 7`` and ``arc_policy 2 json:[]``: what OpenDMARC 1.4.2 writes for a message it did not
-  evaluate with ARC (observed; 7 is ARES fail, 2 ``DMARC_ARC_POLICY_RESULT_FAIL``). authmilter
-  evaluates no ARC, so every block says so, and the import fills its NOT NULL ``arc`` columns.
+  evaluate with ARC (observed; 7 is ARES fail, 2 ``DMARC_ARC_POLICY_RESULT_FAIL``). Every
+  block says so, and the import fills its NOT NULL ``arc`` columns: authmilter's ARC verdicts
+  and trusted-sealer overrides go to ``ReportDatabase`` and the Authentication-Results only.
 
 What is not written: messages DMARC could not give a pass or fail for (no DMARC record,
 temperror, permerror; OpenDMARC writes the first only with ``RecordAllMessages``), mail not
