@@ -18,7 +18,12 @@ Per run (one scenario, one message size, one repeat):
    VmRSS over its processes) sampled every 0.2 s while the client runs, the last sample kept;
 4. check the sample messages (about 1 %, routed by recipient domain to a capturing sink):
    signatures verify with dkimpy (sign scenarios); DKIM, SPF and DMARC all ``pass`` in the
-   milters' Authentication-Results (verify scenarios). Any failure stops the benchmark.
+   milters' Authentication-Results (verify scenarios), and ARC too where the mail carries an
+   ARC chain. Any failure stops the benchmark.
+
+With an ARC scenario in the plan, the micro-benchmark of ``bench/arc_seal.py`` (what
+``arc_sign.seal`` and ``verify_chain`` cost per call, in process) runs once at the end and its
+table follows the main one.
 
 Scenarios run interleaved: repeat 1 of every scenario, then repeat 2, … See bench/README.md.
 """
@@ -82,6 +87,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 LARGE = 64 * 1024  # sizes above this use --messages-large
 SAMPLE_EVERY = 100  # one message in this many is a checked sample
+ARC_HOPS = 3  # forwarders that seal the ARC scenarios' mail (bench/arc_seal.py)
+#: What each forwarder found (its ARC-Authentication-Results; seal_hops adds ``arc=``).
+ARC_AR_VALUE = (f"dkim=pass header.d={DOMAIN} header.s={RSA_SELECTOR}; spf=pass "
+                f"smtp.mailfrom={SENDER} smtp.remote-ip={OUTSIDE_CLIENT}; dmarc=pass "
+                f"header.from={DOMAIN}")  # fmt: skip
 DISTURBED_PCT = 25  # "other CPU %" above this is named in the notes under the table
 
 
@@ -337,11 +347,14 @@ class Keys:
     ed_path: Path
     rsa_pem: bytes
     txt: dict[str, str]  # owner (relative to DOMAIN) → TXT string
+    arc_hops: list[Any] = dataclasses.field(default_factory=list)  # arc_seal.Hop, in order
 
 
-def make_keys() -> Keys:
+def make_keys(arc_hops: int = 0) -> Keys:
     """An RSA-2048 key (PKCS#1 PEM, readable by OpenDKIM, authmilter and dkimpy) and an
-    Ed25519 key (PKCS#8 PEM), in a 0755 directory under /run, files 0600."""
+    Ed25519 key (PKCS#8 PEM), in a 0755 directory under /run, files 0600; and ``arc_hops``
+    ARC forwarders (``hop1.bench.example`` …, RSA-2048 keys kept in memory), all published in
+    ``txt``."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -375,7 +388,13 @@ def make_keys() -> Keys:
         "mail": "v=spf1 a -all",
         "_dmarc": "v=DMARC1; p=reject; adkim=r; aspf=r",
     }
-    return Keys(directory, rsa_path, ed_path, rsa_pem, txt)
+    hops = []
+    if arc_hops:
+        import arc_seal
+
+        hops = arc_seal.make_hops(arc_hops, DOMAIN)
+        txt.update(arc_seal.hop_records(hops, DOMAIN))
+    return Keys(directory, rsa_path, ed_path, rsa_pem, txt, hops)
 
 
 def zone_text(keys: Keys) -> str:
@@ -384,6 +403,15 @@ def zone_text(keys: Keys) -> str:
     records = [(owner, "TXT", txt_rdata(text)) for owner, text in keys.txt.items()]
     records.append(("mail", "A", OUTSIDE_CLIENT))
     return make_zone(DOMAIN, records)
+
+
+def zone_lookup(keys: Keys) -> Any:
+    """A ``TxtLookup`` answering from the zone text NSD serves (no network), cached."""
+    import arc_seal
+
+    from fakedns import ZoneResolver
+
+    return arc_seal.CachedTxt(ZoneResolver(zone_text(keys), DOMAIN))
 
 
 def dkimpy_dnsfunc(keys: Keys) -> Callable[..., bytes]:
@@ -458,18 +486,28 @@ def make_message(index: int, size: int, rng: random.Random) -> bytes:
     return (head + body).encode("ascii")
 
 
-def presign(message: bytes, keys: Keys) -> bytes:
+def presign(message: bytes, rsa_pem: bytes) -> bytes:
     """``message`` with an RSA-2048 DKIM-Signature by dkimpy (relaxed/simple, as a sender's
     OpenDKIM would make it)."""
     import dkim
 
     sig = dkim.sign(
-        message, RSA_SELECTOR.encode(), DOMAIN.encode(), keys.rsa_pem,
+        message, RSA_SELECTOR.encode(), DOMAIN.encode(), rsa_pem,
         canonicalize=(b"relaxed", b"simple"),
         include_headers=[b"from", b"to", b"subject", b"date", b"message-id",
                          b"mime-version", b"content-type"],
     )  # fmt: skip
     return sig.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + message
+
+
+def presigned(index: int, size: int, rsa_pem: bytes, plain: bytes | None = None) -> bytes:
+    """Message ``index`` of ``size`` pre-signed: ``size`` bytes with its signature, like the
+    plain one (``plain``: that plain message, when the caller has it)."""
+    if plain is None:
+        plain = make_message(index, size, random.Random(size))  # as write_pools' first
+    sig_len = len(presign(plain, rsa_pem)) - len(plain)
+    smaller = make_message(index, size - sig_len, random.Random(size * 1000 + index))
+    return presign(smaller, rsa_pem)
 
 
 def wire(message: bytes) -> bytes:
@@ -480,25 +518,43 @@ def wire(message: bytes) -> bytes:
 
 
 def write_pools(
-    directory: Path, sizes: Sequence[int], keys: Keys, n: int = 32
-) -> dict[str, list[str]]:
-    """Pre-build ``n`` distinct messages per size, plain and pre-signed: wire files."""
+    directory: Path, sizes: Sequence[int], keys: Keys, n: int = 32,
+    arc_chains: Sequence[int] = (),
+) -> dict[str, list[str]]:  # fmt: skip
+    """Pre-build ``n`` distinct messages per size, plain and pre-signed: wire files. For each
+    ``k`` in ``arc_chains``, pool ``arc<k>`` holds the pre-signed messages after ``k`` of
+    ``keys.arc_hops`` (Received and an ARC Set each, on top of the same bytes: these messages
+    are larger than ``size``)."""
+    import arc_seal
+
+    lookup = zone_lookup(keys) if arc_chains else None
+    now = time.time()
     pools: dict[str, list[str]] = {}
     for size in sizes:
         rng = random.Random(size)
-        plain, signed = [], []
+        plain: list[str] = []
+        signed: list[str] = []
+        arcs: dict[int, list[str]] = {k: [] for k in arc_chains}
         for i in range(n if size <= LARGE else max(4, n // 4)):
             msg = make_message(i, size, rng)
-            sig_len = len(presign(msg, keys)) - len(msg)
-            # the pre-signed message is `size` bytes with its signature, like the plain one
-            smaller = make_message(i, size - sig_len, random.Random(size * 1000 + i))
-            variants = (("plain", msg, plain), ("signed", presign(smaller, keys), signed))
+            signed_msg = presigned(i, size, keys.rsa_pem, msg)
+            variants = [("plain", msg, plain), ("signed", signed_msg, signed)]
+            for k, out in arcs.items():
+                sealed = arc_seal.seal_hops(signed_msg, keys.arc_hops[:k], lookup,
+                                            ar_value=ARC_AR_VALUE, now=now)  # fmt: skip
+                variants.append((f"arc{k}", sealed, out))
             for kind, data, out in variants:
                 path = directory / f"{kind}-{size}-{i:03d}.eml"
                 path.write_bytes(wire(data))
                 out.append(str(path))
         pools[f"plain-{size}"], pools[f"signed-{size}"] = plain, signed
+        pools.update({f"arc{k}-{size}": out for k, out in arcs.items()})
     return pools
+
+
+def pool_bytes(pool: Sequence[str]) -> int:
+    """Mean size of a pool's messages on the wire (dot-stuffed, with the final dot)."""
+    return round(statistics.mean(Path(p).stat().st_size for p in pool)) if pool else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,10 +588,12 @@ def check_signed(raw: bytes, keys: Keys, selector: str, algorithm: str) -> str |
     return None
 
 
-def check_results(raw: bytes, authserv_ids: Sequence[str]) -> str | None:
-    """None when the Authentication-Results of ``authserv_ids`` have dkim, spf and dmarc
-    results and every one of those is ``pass`` (other methods, e.g. OpenDKIM's dkim-atps, are
-    not looked at)."""
+def check_results(
+    raw: bytes, authserv_ids: Sequence[str], methods: Sequence[str] = ("dkim", "spf", "dmarc"),
+) -> str | None:  # fmt: skip
+    """None when the Authentication-Results of ``authserv_ids`` have a result for each of
+    ``methods`` and every one of those is ``pass`` (other methods, e.g. OpenDKIM's dkim-atps,
+    are not looked at)."""
     import authres
 
     found: dict[str, list[str]] = {}
@@ -546,12 +604,28 @@ def check_results(raw: bytes, authserv_ids: Sequence[str]) -> str | None:
             return f"unparsable Authentication-Results {value!r}: {exc}"
         if parsed.authserv_id.lower() in authserv_ids:
             for r in parsed.results:
-                if r.method in ("dkim", "spf", "dmarc"):
+                if r.method in methods:
                     found.setdefault(r.method, []).append(r.result)
-    missing = [m for m in ("dkim", "spf", "dmarc") if m not in found]
+    missing = [m for m in methods if m not in found]
     bad = {m: rs for m, rs in found.items() if any(r != "pass" for r in rs)}
     if missing or bad:
         return f"results {found} (missing {missing}, not pass {bad})"
+    return None
+
+
+def check_sealed(raw: bytes, lookup: Any, instances: int, domain: str, selector: str) -> str | None:
+    """None when the ARC chain of ``raw`` passes with ``instances`` sets and the newest was
+    sealed with ``d=domain``, ``s=selector``."""
+    import arc_seal
+
+    try:
+        chain = arc_seal.check_chain(raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),
+                                     lookup, instances)  # fmt: skip
+    except arc_seal.ArcBenchError as exc:
+        return f"ARC: {exc}"
+    newest = chain.sets[-1] if chain.sets else None
+    if newest is None or (newest.domain, newest.selector) != (domain, selector):
+        return f"ARC: the newest set is {newest}, expected d={domain} s={selector}"
     return None
 
 
@@ -771,7 +845,11 @@ class Scenario:
     describe: str
     start: Callable[[Lab], Milters]
     needs_dns: bool = False
-    needs_workers: bool = False
+    #: A feature the authmilter under test may not have (a key of ``FEATURE_PROBES``): the
+    #: scenario is skipped, with a note, when ``authmilter config-test`` rejects its probe.
+    needs: str | None = None
+    #: The messages: ``plain`` (sign), ``signed`` (verify), ``arc1``, ``arc3`` …
+    pool_name: str | None = None
 
     @property
     def port(self) -> str:
@@ -779,7 +857,15 @@ class Scenario:
 
     @property
     def pool(self) -> str:
+        if self.pool_name is not None:
+            return self.pool_name
         return "signed" if self.kind == "verify" else "plain"
+
+    @property
+    def arc_chain(self) -> int:
+        """ARC Sets on its messages (0 without ARC)."""
+        m = re.fullmatch(r"arc(\d+)", self.pool)
+        return int(m.group(1)) if m else 0
 
 
 @dataclasses.dataclass
@@ -788,6 +874,7 @@ class Lab:
     workdir: Path
     nameserver: str | None  # "ip:53" when NSD runs
     infra_pids: list[int]  # NSD, smtp-sink: their CPU is the benchmark's, not "other"
+    lookup: Any = None  # a TxtLookup over the zone NSD serves, for the ARC checks
 
 
 def _no_milter(lab: Lab) -> Milters:
@@ -932,8 +1019,11 @@ def _authmilter_sign(
     return start
 
 
-def _authmilter_verify(workers: int | None = None, *,
-                       reports: bool = False) -> Callable[[Lab], Milters]:  # fmt: skip
+def _authmilter_verify(workers: int | None = None, *, reports: bool = False,
+                       arc: bool = False) -> Callable[[Lab], Milters]:  # fmt: skip
+    """``arc``: the mail carries an ARC chain, whose ``arc=`` must be pass too."""
+    methods = ("dkim", "spf", "dmarc", "arc") if arc else ("dkim", "spf", "dmarc")
+
     def start(lab: Lab) -> Milters:
         conf = _authmilter_conf(lab, "v", workers)
         if reports:
@@ -941,9 +1031,37 @@ def _authmilter_verify(workers: int | None = None, *,
             # workers' writer threads into a fresh SQLite file.
             folder = Path(tempfile.mkdtemp(prefix="reports-", dir=lab.workdir))
             conf += f"ReportDatabase sqlite:///{folder / 'dmarc.db'}\n"
-        return _authmilter(lab, conf, lambda raw: check_results(raw, [AUTHMILTER_ID]))
+        return _authmilter(lab, conf, lambda raw: check_results(raw, [AUTHMILTER_ID], methods))
 
     return start
+
+
+#: The KeyTable name of the key ``authmilter-verify-seal`` seals with (the DKIM RSA key).
+SEAL_KEY_NAME = f"{RSA_SELECTOR}._domainkey.{DOMAIN}"
+
+
+def _seal_conf(keys: Keys, directory: Path) -> str:
+    """KeyTable and ``ARCSign inbound`` / ``ARCSealKey``: what ``authmilter-verify-seal``
+    adds to ``authmilter-verify`` (and what its probe asks config-test about)."""
+    from milter_fixture import write_keytable
+
+    tables = write_keytable(directory, {SEAL_KEY_NAME: (DOMAIN, RSA_SELECTOR, keys.rsa_path)},
+                            [(f"*@{DOMAIN}", SEAL_KEY_NAME)])  # fmt: skip
+    return f"{tables}ARCSign inbound\nARCSealKey {SEAL_KEY_NAME}\n"
+
+
+def _authmilter_verify_seal(lab: Lab) -> Milters:
+    """Verify, then seal every verified message with our A-R as the AAR (instance 1: the
+    mail carries no ARC). Each sample must pass, carry our one ARC Set and verify."""
+    keydir = Path(tempfile.mkdtemp(prefix="tables-", dir=lab.keys.dir))
+    keydir.chmod(0o755)
+    conf = _authmilter_conf(lab, "v", None) + _seal_conf(lab.keys, keydir)
+
+    def check(raw: bytes) -> str | None:
+        return (check_results(raw, [AUTHMILTER_ID])
+                or check_sealed(raw, lab.lookup, 1, DOMAIN, RSA_SELECTOR))  # fmt: skip
+
+    return _authmilter(lab, conf, check)
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
@@ -958,7 +1076,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _authmilter_sign(ED_SELECTOR, "ed25519-sha256")),
     Scenario("authmilter-sign-w1", "sign", "opendkim-sign",
              "authmilter Mode s, RSA-2048, Workers 1",
-             _authmilter_sign(RSA_SELECTOR, "rsa-sha256", workers=1), needs_workers=True),
+             _authmilter_sign(RSA_SELECTOR, "rsa-sha256", workers=1), needs="workers"),
     Scenario("opendkim+opendmarc-verify", "verify", "opendkim+opendmarc-verify",
              "OpenDKIM Mode v → OpenDMARC 1.4 (SPFSelfValidate), pre-signed RSA-2048 mail",
              _opendkim_opendmarc_verify, needs_dns=True),
@@ -971,17 +1089,29 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _authmilter_verify(reports=True), needs_dns=True),
     Scenario("authmilter-verify-w1", "verify", "opendkim+opendmarc-verify",
              "authmilter Mode v, Workers 1", _authmilter_verify(workers=1),
-             needs_dns=True, needs_workers=True),
+             needs_dns=True, needs="workers"),
+    Scenario("authmilter-verify-arc1", "verify", "authmilter-verify",
+             "authmilter-verify on the same mail after one forwarder's ARC Set (arc=pass "
+             "too); its anchor is authmilter-verify",
+             _authmilter_verify(arc=True), needs_dns=True, pool_name="arc1"),
+    Scenario("authmilter-verify-arc3", "verify", "authmilter-verify",
+             "authmilter-verify on the same mail after three forwarders' ARC Sets; its anchor "
+             "is authmilter-verify",
+             _authmilter_verify(arc=True), needs_dns=True, pool_name="arc3"),
+    Scenario("authmilter-verify-seal", "verify", "authmilter-verify",
+             "authmilter-verify with ARCSign inbound: every verified message gets our ARC Set "
+             "(RSA-2048, instance 1); its anchor is authmilter-verify",
+             _authmilter_verify_seal, needs_dns=True, needs="arc-sign"),
 ]}  # fmt: skip
 #: Scenarios also run with the large (1 MiB) messages by default.
 LARGE_SCENARIOS = ("no-milter", "opendkim-sign", "authmilter-sign",
                    "opendkim+opendmarc-verify", "authmilter-verify")  # fmt: skip
 
 
-def workers_supported() -> tuple[bool, str]:
-    """Whether ``authmilter config-test`` accepts ``Workers 1``."""
+def config_accepted(conf: str) -> tuple[bool, str]:
+    """Whether ``authmilter config-test`` accepts ``conf`` (a Socket line is added)."""
     with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as f:
-        f.write("Socket local:/run/authmilter-bench-probe.sock\nWorkers 1\n")
+        f.write(f"Socket local:/run/authmilter-bench-probe.sock\n{conf}")
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "authmilter", "config-test", "-c", f.name],
@@ -990,6 +1120,26 @@ def workers_supported() -> tuple[bool, str]:
     finally:
         os.unlink(f.name)
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+def _probe_workers(keys: Keys) -> tuple[bool, str]:
+    return config_accepted("Workers 1\n")
+
+
+def _probe_arc_sign(keys: Keys) -> tuple[bool, str]:
+    directory = Path(tempfile.mkdtemp(prefix="probe-", dir=keys.dir))
+    directory.chmod(0o755)
+    try:
+        return config_accepted("Mode v\n" + _seal_conf(keys, directory))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+#: Scenario.needs → (what the note names, the probe).
+FEATURE_PROBES: dict[str, tuple[str, Callable[[Keys], tuple[bool, str]]]] = {
+    "workers": ("`Workers`", _probe_workers),
+    "arc-sign": ("`ARCSign inbound` with `ARCSealKey`", _probe_arc_sign),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1252,7 +1402,7 @@ def machine_facts() -> dict[str, str]:
 
 def report(
     results: list[RunResult], order: Sequence[str], sizes: Sequence[int],
-    args: argparse.Namespace, elapsed: float, notes: list[str], load: str,
+    args: argparse.Namespace, elapsed: float, notes: list[str], load: str, micro: str = "",
 ) -> str:  # fmt: skip
     facts = machine_facts()
     table = build_table(results, order, sizes)
@@ -1281,7 +1431,26 @@ def report(
     ]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
+    if micro:
+        lines += ["", micro]
     return "\n".join(lines) + "\n"
+
+
+def arc_micro(keys: Keys, calls: int, rounds: int) -> str:
+    """``bench/arc_seal.py``'s micro-benchmark on the first pre-signed 4 KiB message of the
+    verify scenarios, with the run's own keys: we seal with the DKIM RSA key, as
+    ``authmilter-verify-seal`` does."""
+    import arc_seal
+
+    from authmilter.keys import parse_private_key
+
+    message = presigned(0, 4096, keys.rsa_pem)
+    sealer = (DOMAIN, RSA_SELECTOR, parse_private_key(keys.rsa_pem, source="bench"))
+    results = arc_seal.measure(message, sealer, keys.arc_hops, zone_lookup(keys),
+                               ar_value=ARC_AR_VALUE, calls=calls, rounds=rounds)  # fmt: skip
+    for r in results:
+        log(f"ARC micro: {r.case}: {r.summary()} ms CPU/call")
+    return arc_seal.micro_report(results, rounds)
 
 
 def _loadavg() -> str:
@@ -1330,10 +1499,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 40 × 4 KiB, 4 connections, 1 repeat, no-milter and "
                    "authmilter-sign, docs untouched")
+    p.add_argument("--arc-calls", type=int, default=200,
+                   help="ARC micro-benchmark (bench/arc_seal.py, run when an ARC scenario is "
+                   "in the plan): calls per round and case (default 200; 0: skip it)")
+    p.add_argument("--arc-rounds", type=int, default=5,
+                   help="ARC micro-benchmark: rounds per case (default 5)")
     p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not 0 <= args.arc_calls <= 10_000 or not 1 <= args.arc_rounds <= 20:
+        p.error("--arc-calls must be 0..10000 and --arc-rounds 1..20")
     if args.quick:
         args.messages, args.connections, args.repeats = 40, 4, 1
+        args.arc_calls, args.arc_rounds = min(args.arc_calls, 10), 1
         if args.scenarios == "all":
             args.scenarios = "no-milter,authmilter-sign"
         if args.size == "4k,1m":
@@ -1358,19 +1535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
     notes: list[str] = []
-    ok, why = workers_supported()
-    if not ok:
-        skipped = [n for n in names if SCENARIOS[n].needs_workers]
-        if skipped:
-            names = [n for n in names if n not in skipped]
-            notes.append(f"skipped {', '.join(skipped)}: this authmilter rejects `Workers` "
-                         f"({why.splitlines()[-1] if why else 'config-test failed'})")
-            log(notes[-1])
-    plan = [(size, n) for size in args.sizes for n in names
-            if size <= LARGE or explicit or n in LARGE_SCENARIOS]  # fmt: skip
+    arc = [n for n in names if SCENARIOS[n].arc_chain or SCENARIOS[n].needs == "arc-sign"]
     load = _loadavg()
     started = time.monotonic()
-    log(f"plan: {len(plan)} scenario×size × {args.repeats} repeats; load average {load}")
 
     # Signals end the run through the finally blocks (every process is stopped by pid).
     def on_signal(signum: int, _frame: object) -> None:
@@ -1380,10 +1547,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[RunResult] = []
     cleanups: list[Callable[[], None]] = []
     workdir = Path(tempfile.mkdtemp(prefix="authmilter-bench-"))
-    keys = make_keys()
+    keys = make_keys(ARC_HOPS if arc else 0)
     nsd = sink_proc = None
     try:
-        pools = write_pools(workdir, args.sizes, keys)
+        for feature in sorted({SCENARIOS[n].needs for n in names} - {None}):
+            what, probe = FEATURE_PROBES[feature]  # type: ignore[index]
+            ok, why = probe(keys)
+            skipped = [n for n in names if SCENARIOS[n].needs == feature]
+            if not ok:
+                names = [n for n in names if n not in skipped]
+                notes.append(f"skipped {', '.join(skipped)}: this authmilter rejects {what} "
+                             f"({why.splitlines()[-1] if why else 'config-test failed'})")
+                log(notes[-1])
+        plan = [(size, n) for size in args.sizes for n in names
+                if size <= LARGE or explicit or n in LARGE_SCENARIOS]  # fmt: skip
+        log(f"plan: {len(plan)} scenario×size × {args.repeats} repeats; load average {load}")
+        chains = sorted({SCENARIOS[n].arc_chain for _, n in plan} - {0})
+        pools = write_pools(workdir, args.sizes, keys, arc_chains=chains)
+        for size, name in plan:
+            if SCENARIOS[name].arc_chain:
+                scenario = SCENARIOS[name]
+                notes.append(
+                    f"{name} {size_label(size)}: the `authmilter-verify` messages after "
+                    f"{scenario.arc_chain} forwarder(s), each adding Received and an ARC Set "
+                    f"(RSA-2048): {pool_bytes(pools[f'{scenario.pool}-{size}'])} bytes on "
+                    f"average instead of {pool_bytes(pools[f'signed-{size}'])}")  # fmt: skip
         if any(SCENARIOS[n].needs_dns for _, n in plan):
             nsd = start_nsd(keys, args.dns_address)
             log(f"NSD on {nsd.nameserver}")
@@ -1394,7 +1582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sink = "discard"
         infra = [p.process.pid for p in (nsd,) if p is not None and p.process is not None]
         infra += [sink_proc.proc.pid] if sink_proc is not None else []
-        lab = Lab(keys, workdir, nsd.nameserver if nsd else None, infra)
+        lab = Lab(keys, workdir, nsd.nameserver if nsd else None, infra, zone_lookup(keys))
         for repeat in range(1, args.repeats + 1):
             for size, name in plan:
                 t0 = time.monotonic()
@@ -1417,14 +1605,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             nsd.cleanup()
         shutil.rmtree(keys.dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
+    micro = ""
+    if arc and args.arc_calls > 0:
+        # Every daemon is gone: the micro-benchmark has the machine to itself.
+        log(f"ARC micro-benchmark: {args.arc_calls} calls × {args.arc_rounds} rounds a case")
+        micro = arc_micro(keys, args.arc_calls, args.arc_rounds)
     elapsed = time.monotonic() - started
     order = [n for n in SCENARIOS if n in names]
+    other_anchor = [n for n in order if SCENARIOS[n].anchor == "authmilter-verify"]
+    if other_anchor:
+        notes.append(f"`× OpenDKIM(+DMARC)` of {', '.join(other_anchor)} is taken to "
+                     "authmilter-verify (same repeat and size), not to the OpenDKIM anchor")
     disturbed = [f"{r.scenario} {size_label(r.size)} repeat {r.repeat} ({r.other_cpu_pct:.0f} %)"
                  for r in results if r.other_cpu_pct > DISTURBED_PCT]  # fmt: skip
     if disturbed:
         notes.append(f"other CPU above {DISTURBED_PCT} % (work on the machine that is not the "
                      f"benchmark's) in: {', '.join(disturbed)}")  # fmt: skip
-    text = report(results, order, args.sizes, args, elapsed, notes, load)
+    text = report(results, order, args.sizes, args, elapsed, notes, load, micro)
     print(text)
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))

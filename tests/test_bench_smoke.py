@@ -3,10 +3,16 @@
 A few dozen messages, one repeat, two scenarios (Postfix alone, authmilter signing), real
 Postfix and smtp-sink on loopback, in well under a minute. The table must have both rows with a
 positive msgs/s, and quick mode must leave docs/performance.md alone.
+
+The ARC scenarios get a quick run of their own (plain verifying, verifying mail with ARC
+chains of 1 and 3 sets, and verifying then sealing with ``ARCSign inbound``, against a real NSD
+on port 53 of a random loopback address), which also runs the ARC micro-benchmark
+(``bench/arc_seal.py``) with a handful of calls.
 """
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +24,25 @@ RUN = REPO / "bench" / "run.py"
 DOC = REPO / "docs" / "performance.md"
 
 
-def table_rows(output: str) -> dict[str, dict[str, str]]:
-    """The Markdown table in ``output``: scenario → {column header: cell}."""
-    lines = [line for line in output.splitlines() if line.startswith("| ")]
-    assert lines, f"no table in the output:\n{output}"
+def tables(output: str) -> list[list[str]]:
+    """The Markdown tables in ``output``, each as its lines (runs of lines starting "| ")."""
+    found: list[list[str]] = []
+    previous = False
+    for line in output.splitlines():
+        is_row = line.startswith("| ")
+        if is_row and not previous:
+            found.append([])
+        if is_row:
+            found[-1].append(line)
+        previous = is_row
+    return found
+
+
+def table_rows(output: str, index: int = 0) -> dict[str, dict[str, str]]:
+    """Table ``index`` of ``output`` (the main one first): first column → {header: cell}."""
+    found = tables(output)
+    assert len(found) > index, f"no table {index} in the output:\n{output}"
+    lines = found[index]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[1:]:
@@ -48,5 +69,40 @@ def test_quick_benchmark_runs() -> None:
         assert rate > 0, f"{name}: msgs/s {row['msgs/s']}\n{proc.stdout}"
         assert int(row["msgs"]) > 0, f"{name}: {row}"
     assert float(rows["authmilter-sign"]["milter CPU ms/msg"]) > 0, proc.stdout
+    doc_after = DOC.read_bytes() if DOC.exists() else None
+    assert doc_after == doc_before, "--quick must not touch docs/performance.md"
+
+
+def test_quick_arc_benchmark_runs() -> None:
+    """ARC verify scenarios, each sample with dkim, spf, dmarc and arc all pass, and in the seal
+    scenario our one ARC Set verifying (the run stops otherwise); their ratio to plain
+    verifying is there; the micro-benchmark table follows."""
+    postfix_fixture.require_postfix()
+    doc_before = DOC.read_bytes() if DOC.exists() else None
+    address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+    scenarios = ["authmilter-verify", "authmilter-verify-arc1", "authmilter-verify-arc3",
+                 "authmilter-verify-seal"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--scenarios", ",".join(scenarios),
+         "--dns-address", address],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"bench/run.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    rows = table_rows(proc.stdout)
+    assert set(rows) == set(scenarios), proc.stdout
+    for name in scenarios:
+        assert float(rows[name]["msgs/s"].split()[0]) > 0, proc.stdout
+        assert float(rows[name]["milter CPU ms/msg"]) > 0, proc.stdout
+    for name in scenarios[1:]:  # taken to authmilter-verify within the repeat
+        assert float(rows[name]["× OpenDKIM(+DMARC)"]) > 0, proc.stdout
+    assert ("of authmilter-verify-arc1, authmilter-verify-arc3, authmilter-verify-seal is taken "
+            "to authmilter-verify") in proc.stdout  # fmt: skip
+    micro = table_rows(proc.stdout, 1)
+    seals = [case for case in micro if case.startswith("arc_sign.seal, instance ")]
+    verifies = [case for case in micro if case.startswith("arc_verify.verify_chain, chain of ")]
+    assert len(seals) == 3 and len(verifies) == 2, proc.stdout
+    for case in seals + verifies:
+        assert float(micro[case]["CPU ms/call"].split()[0]) > 0, proc.stdout
     doc_after = DOC.read_bytes() if DOC.exists() else None
     assert doc_after == doc_before, "--quick must not touch docs/performance.md"
