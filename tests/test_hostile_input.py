@@ -25,10 +25,13 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 
 import helpers
 from authmilter.config import Action, Config
+from authmilter.arc_sign import seal as arc_seal
+from authmilter.arc_verify import verify_chain
 from authmilter.dkim_verify import verify_message
 from authmilter.dmarc import parse_record
 from authmilter.pipeline import AddHeader, Context, DeleteHeader, Verdict
@@ -365,6 +368,36 @@ def test_arc_headers_with_garbage_are_arc_fail_and_change_nothing_else(world: Wo
         dkim_of(baseline), spf_of(baseline), dmarc_of(baseline))
     assert dmarc_of(verdict) == ("fail", BANK)
     assert_no_pass_for_bank(verdict)
+
+
+@pytest.mark.parametrize("aid", [TRUSTED, AID, EVIL], ids=["trusted-aid", "our-aid", "own-aid"])
+def test_an_attackers_own_valid_arc_set_never_rescues_dmarc(world: World, aid: str) -> None:
+    """The attacker seals with the key it holds (a valid chain: ``arc=pass``) an
+    ARC-Authentication-Results claiming that bank.example passed DKIM and SPF, under the
+    trusted sealer's authserv-id, ours, or its own. Only the ARC-Seal's ``d=`` names a
+    sealer, and evil.example is not in ARCTrustedSealers: DMARC stays ``fail`` and the mail
+    is rejected. The control: a receiver that does list evil.example would be rescued."""
+    raw = compose(f"ceo@{BANK}")
+    headers, body = _split(raw)
+    chain = verify_chain(headers, body, world.resolver, now=helpers.NOW)
+    assert chain.result == "none", chain
+    fields = arc_seal(headers, body, (EVIL, "sel", world.keys.evil), authserv_id=aid,
+                      ar_value=f"dkim=pass header.d={BANK} header.s=sel; spf=pass "
+                               f"smtp.mailfrom=ceo@{BANK}; dmarc=pass header.from={BANK}",
+                      chain=chain, now=helpers.NOW)  # fmt: skip
+    forged = b"".join(f"{n}: {v}\r\n".encode() for n, v in fields) + raw
+    verdict = run(world.ctx(f"ARCTrustedSealers {TRUSTED}\nRejectFailures true\n"), forged)
+    assert verdict.action is Action.REJECT and verdict.reply is not None, verdict.log
+    assert {("arc", "pass"), ("dmarc", "fail")} <= set(verdict.results), verdict.results
+    assert "overridden" not in verdict.log and "ARC override" not in verdict.log, verdict.log
+    trusting_evil = run(world.ctx(f"ARCTrustedSealers {EVIL}\nRejectFailures true\n"), forged)
+    assert trusting_evil.action is Action.ACCEPT, trusting_evil.log  # the control: it can rescue
+    assert "DMARC failure overridden: trusted ARC sealer" in trusting_evil.log
+
+
+def _split(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    headers, body = dkim.rfc822_parse(raw)
+    return [(bytes(n), bytes(v)) for n, v in headers], bytes(body)
 
 
 # -- 5. hostile DKIM-Signature fields ---------------------------------------------------------
