@@ -29,9 +29,9 @@ import dkim
 import pytest
 
 import helpers
-from authmilter.config import Action, Config
 from authmilter.arc_sign import seal as arc_seal
 from authmilter.arc_verify import verify_chain
+from authmilter.config import Action, Config
 from authmilter.dkim_verify import verify_message
 from authmilter.dmarc import parse_record
 from authmilter.pipeline import AddHeader, Context, DeleteHeader, Verdict
