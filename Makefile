@@ -58,7 +58,7 @@ deps-deb:
 # Benchmark (bench/README.md): Postfix alone, OpenDKIM, OpenDKIM + OpenDMARC and authmilter on
 # loopback; about 10 minutes on 2 cores; rewrites the generated section of docs/performance.md.
 # `make bench BENCH_ARGS=--quick` is a smoke run (seconds; the document is left alone).
-APT_BENCH = $(APT_RUN) postfix nsd opendkim opendmarc
+APT_BENCH = $(APT_RUN) postfix nsd opendkim opendmarc rspamd
 .PHONY: bench deps-bench
 
 bench: deps-bench venv-test

@@ -1064,6 +1064,34 @@ def _authmilter_verify_seal(lab: Lab) -> Milters:
     return _authmilter(lab, conf, check)
 
 
+def _rspamd(lab: Lab, role: str, check: Callable[[bytes], str | None]) -> Milters:
+    """rspamd's ``rspamd_proxy`` worker as the milter (``milter = yes``, scanning in-process:
+    an upstream with ``self_scan = yes``), one instance per scenario with only the modules of
+    its ``role`` (bench/rspamd_milter.py), in a session of its own."""
+    from rspamd_milter import RspamdMilterError, start_rspamd
+
+    sign_key = (DOMAIN, RSA_SELECTOR, lab.keys.rsa_pem) if role == "sign" else None
+    try:
+        milter = start_rspamd(role, lab.nameserver or "127.0.0.1:53", sign_key=sign_key)
+    except RspamdMilterError as exc:
+        raise BenchError(str(exc)) from exc
+    return Milters(milter.socket, [milter.pid], milter.terminate, milter.cleanup, check,
+                   milter.diagnostics)  # fmt: skip
+
+
+def _rspamd_sign(lab: Lab) -> Milters:
+    return _rspamd(lab, "sign", lambda raw: check_signed(raw, lab.keys, RSA_SELECTOR, "rsa-sha256"))
+
+
+#: The authserv-id of rspamd's Authentication-Results: its milter takes ``MTA-Name`` from
+#: Postfix's ``{daemon_name}`` macro, which the fixture's inbound listener sets to INBOUND.
+RSPAMD_INBOUND_ID = "inbound"
+
+
+def _rspamd_verify(lab: Lab) -> Milters:
+    return _rspamd(lab, "verify", lambda raw: check_results(raw, [RSPAMD_INBOUND_ID]))
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("no-milter", "none", None, "Postfix alone: the ceiling", _no_milter),
     Scenario("opendkim-sign", "sign", "opendkim-sign",
@@ -1077,12 +1105,20 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("authmilter-sign-w1", "sign", "opendkim-sign",
              "authmilter Mode s, RSA-2048, Workers 1",
              _authmilter_sign(RSA_SELECTOR, "rsa-sha256", workers=1), needs="workers"),
+    Scenario("rspamd-sign", "sign", "opendkim-sign",
+             "rspamd 3.4 rspamd_proxy (milter, self_scan) with dkim + dkim_signing, the same "
+             "RSA-2048 key, relaxed/relaxed (rspamd's only canonicalization), count = nproc",
+             _rspamd_sign),
     Scenario("opendkim+opendmarc-verify", "verify", "opendkim+opendmarc-verify",
              "OpenDKIM Mode v → OpenDMARC 1.4 (SPFSelfValidate), pre-signed RSA-2048 mail",
              _opendkim_opendmarc_verify, needs_dns=True),
     Scenario("authmilter-verify", "verify", "opendkim+opendmarc-verify",
              "authmilter Mode v: DKIM + SPF + DMARC, Workers default",
              _authmilter_verify(), needs_dns=True),
+    Scenario("rspamd-verify", "verify", "opendkim+opendmarc-verify",
+             "rspamd 3.4 rspamd_proxy (milter, self_scan) with dkim, spf, dmarc and "
+             "milter_headers (authentication-results), count = nproc",
+             _rspamd_verify, needs_dns=True),
     Scenario("authmilter-verify-reports", "verify", "authmilter-verify",
              "authmilter-verify with ReportDatabase (SQLite): one DMARC report record per "
              "message; its anchor is authmilter-verify (target: ratio at least 0.95)",
@@ -1104,8 +1140,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              _authmilter_verify_seal, needs_dns=True, needs="arc-sign"),
 ]}  # fmt: skip
 #: Scenarios also run with the large (1 MiB) messages by default.
-LARGE_SCENARIOS = ("no-milter", "opendkim-sign", "authmilter-sign",
-                   "opendkim+opendmarc-verify", "authmilter-verify")  # fmt: skip
+LARGE_SCENARIOS = ("no-milter", "opendkim-sign", "authmilter-sign", "rspamd-sign",
+                   "opendkim+opendmarc-verify", "authmilter-verify", "rspamd-verify")  # fmt: skip
 
 
 def config_accepted(conf: str) -> tuple[bool, str]:
@@ -1390,6 +1426,7 @@ def machine_facts() -> dict[str, str]:
         "OpenDKIM": _cmd_version(["/usr/sbin/opendkim", "-V"], r"OpenDKIM Filter v(\S+)"),
         "OpenDMARC": _cmd_version([OPENDMARC, "-V"], r"OpenDMARC Filter v(\S+)"),
         "NSD": _cmd_version(["/usr/sbin/nsd", "-v"], r"NSD version (\S+)"),
+        "rspamd": _cmd_version(["/usr/bin/rspamd", "--version"], r"daemon version (\S+)"),
         "Python": platform.python_version(),
         "authmilter": f"{pkg('authmilter')} (git {git}, sources sha256 {digest.hexdigest()[:12]})",
         "pymilter": pkg("pymilter"),
@@ -1415,9 +1452,9 @@ def report(
         f"{load} (during it, see `other CPU %`).",
         "",
         "Software: " + ", ".join(
-            f"{k} {facts[k]}" for k in ("Postfix", "OpenDKIM", "OpenDMARC", "NSD", "Python",
-                                        "authmilter", "pymilter", "dkimpy", "cryptography",
-                                        "dnspython", "pyspf")
+            f"{k} {facts[k]}" for k in ("Postfix", "OpenDKIM", "OpenDMARC", "rspamd", "NSD",
+                                        "Python", "authmilter", "pymilter", "dkimpy",
+                                        "cryptography", "dnspython", "pyspf")
         ) + ".",  # fmt: skip
         "",
         f"Each cell: median (min–max) over {args.repeats} interleaved repeat(s); ratios are "

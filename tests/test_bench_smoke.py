@@ -8,16 +8,22 @@ The ARC scenarios get a quick run of their own (plain verifying, verifying mail 
 chains of 1 and 3 sets, and verifying then sealing with ``ARCSign inbound``, against a real NSD
 on port 53 of a random loopback address), which also runs the ARC micro-benchmark
 (``bench/arc_seal.py``) with a handful of calls.
+
+rspamd's two scenarios (``rspamd_proxy`` as the milter, signing on the submit port and
+checking DKIM, SPF and DMARC on the inbound port) get one too: each sample must carry rspamd's
+valid signature, or its Authentication-Results with all three ``pass``.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import postfix_fixture
+import rspamd_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "run.py"
@@ -104,5 +110,33 @@ def test_quick_arc_benchmark_runs() -> None:
     assert len(seals) == 3 and len(verifies) == 2, proc.stdout
     for case in seals + verifies:
         assert float(micro[case]["CPU ms/call"].split()[0]) > 0, proc.stdout
+    doc_after = DOC.read_bytes() if DOC.exists() else None
+    assert doc_after == doc_before, "--quick must not touch docs/performance.md"
+
+
+def test_quick_rspamd_benchmark_runs() -> None:
+    """rspamd signs (the sample's one DKIM-Signature verifies) and verifies (its
+    Authentication-Results say dkim, spf and dmarc pass), or the run stops; rspamd's whole
+    process tree is measured: the main process, one proxy worker per CPU and hs_helper."""
+    postfix_fixture.require_postfix()
+    rspamd_fixture.require_rspamd()
+    doc_before = DOC.read_bytes() if DOC.exists() else None
+    address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+    scenarios = ["rspamd-sign", "rspamd-verify"]
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--scenarios", ",".join(scenarios),
+         "--dns-address", address],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"bench/run.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    rows = table_rows(proc.stdout)
+    assert set(rows) == set(scenarios), proc.stdout
+    for name in scenarios:
+        assert float(rows[name]["msgs/s"].split()[0]) > 0, proc.stdout
+        assert float(rows[name]["milter CPU ms/msg"]) > 0, proc.stdout
+        # at least the main process and a proxy worker per CPU (hs_helper is the usual +1)
+        assert int(rows[name]["procs"]) >= (os.cpu_count() or 1) + 1, proc.stdout
+    assert "rspamd 3." in proc.stdout, proc.stdout  # the Software line names its version
     doc_after = DOC.read_bytes() if DOC.exists() else None
     assert doc_after == doc_before, "--quick must not touch docs/performance.md"
