@@ -185,6 +185,8 @@ options {{
   pidfile = "{d / "rspamd.pid"}";
   url_tld = "{d / "tld.dat"}";
   history_file = "{d / "rspamd.history"}";
+  # Hyperscan cache files here, not in the system's /var/lib/rspamd.
+  hs_cache_dir = "{d}";
   control_socket = "";
   local_addrs = [];
   dns {{
