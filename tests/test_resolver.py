@@ -375,6 +375,126 @@ def test_cache_size_zero_disables_caching(shared_nsd: NsdServer) -> None:
     assert (resolver.stats.hits, resolver.stats.misses, resolver.stats.size) == (0, 2, 0)
 
 
+# -- memo: values computed from answers ------------------------------------------------------
+
+
+class Counted:
+    """A computation from DNS answers that counts how often it really ran."""
+
+    def __init__(self, resolver: Resolver, *names: str) -> None:
+        self.resolver, self.names, self.runs = resolver, names, 0
+
+    def __call__(self) -> tuple[bytes, ...]:
+        self.runs += 1
+        return tuple(b"".join(self.resolver.txt(n)) for n in self.names)
+
+
+def test_memo_reuses_a_value_until_the_first_of_its_answers_expires(
+    nsd_server: NsdFactory,
+) -> None:
+    server = nsd_server({ZONE: zone_text()})
+    clock = FakeClock()
+    resolver = Resolver([server.nameserver], timeout=0.3, clock=clock)
+    both = Counted(resolver, f"split.{ZONE}", f"short.{ZONE}")  # TTL 300 and 30
+    expected = (b"v=spf1 include:a.example -all", b"short-lived")
+    assert resolver.memo("both", both) == expected
+    assert resolver.memo("both", both) == expected
+    assert both.runs == 1
+    clock.advance(29)
+    assert resolver.memo("both", both) == expected
+    assert both.runs == 1
+    clock.advance(2)  # short's 30 s are over: computed again, asking for short again
+    assert resolver.memo("both", both) == expected
+    assert both.runs == 2
+    assert resolver.stats.misses == 3  # split, short, short again; never split twice
+    # Another key is another computation; clear_cache forgets memos too.
+    assert resolver.memo("other", both) == expected
+    assert both.runs == 3
+    resolver.clear_cache()
+    resolver.memo("both", both)
+    assert both.runs == 4
+
+
+def test_memo_keeps_nothing_computed_while_a_lookup_failed() -> None:
+    runs = {"n": 0}
+    with ScriptedDns(rcode_reply(dns.rcode.SERVFAIL)) as broken:
+        resolver = Resolver([broken.nameserver], timeout=1.0)
+
+        def swallowed() -> str:
+            """Swallows the failure, as SPF's PTR validation may: still not kept."""
+            runs["n"] += 1
+            try:
+                resolver.txt("x.example.test")
+            except DNSTempError:
+                return "failed quietly"
+            return "answered"
+
+        assert resolver.memo("k", swallowed) == "failed quietly"
+        assert resolver.memo("k", swallowed) == "failed quietly"
+        assert runs["n"] == 2
+
+
+def test_memo_keeps_nothing_refused_by_keep_or_raised_or_without_answers(
+    shared_nsd: NsdServer,
+) -> None:
+    resolver = Resolver([shared_nsd.nameserver], timeout=1.0)
+    split = Counted(resolver, f"split.{ZONE}")
+    resolver.memo("refused", split, keep=lambda value: False)
+    resolver.memo("refused", split, keep=lambda value: False)
+    assert split.runs == 2
+    runs = {"n": 0}
+
+    def raising() -> None:
+        runs["n"] += 1
+        resolver.txt(f"split.{ZONE}")
+        raise RuntimeError("no value")
+
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            resolver.memo("raised", raising)
+    assert runs["n"] == 2
+    # Nothing read from DNS: a function of the key alone, kept (until it is evicted).
+    constant = Counted(resolver)
+    resolver.memo("constant", constant)
+    assert resolver.memo("constant", constant) == ()
+    assert constant.runs == 1
+
+
+def test_memo_nested_values_bound_the_outer_one(nsd_server: NsdFactory) -> None:
+    server = nsd_server({ZONE: zone_text()})
+    clock = FakeClock()
+    resolver = Resolver([server.nameserver], timeout=0.3, clock=clock)
+    inner = Counted(resolver, f"short.{ZONE}")  # TTL 30
+    runs = {"outer": 0}
+
+    def outer() -> bytes:
+        runs["outer"] += 1
+        return b"".join(resolver.txt(f"split.{ZONE}")) + resolver.memo("inner", inner)[0]
+
+    resolver.memo("inner", inner)  # cached before the outer one runs: its 30 s still count
+    clock.advance(10)
+    resolver.memo("outer", outer)
+    clock.advance(19)
+    resolver.memo("outer", outer)
+    assert runs["outer"] == 1
+    clock.advance(2)
+    resolver.memo("outer", outer)
+    assert (runs["outer"], inner.runs) == (2, 2)
+
+
+def test_memo_is_bounded_and_off_with_the_cache(shared_nsd: NsdServer) -> None:
+    resolver = Resolver([shared_nsd.nameserver], timeout=1.0, cache_size=2)
+    computations = {k: Counted(resolver, f"split.{ZONE}") for k in "abc"}
+    for k in "abca":
+        resolver.memo(k, computations[k])
+    assert [c.runs for c in computations.values()] == [2, 1, 1]  # a was evicted by c
+    off = Resolver([shared_nsd.nameserver], timeout=1.0, cache_size=0)
+    split = Counted(off, f"split.{ZONE}")
+    off.memo("k", split)
+    off.memo("k", split)
+    assert split.runs == 2
+
+
 def test_concurrent_lookups_agree(shared_nsd: NsdServer) -> None:
     resolver = Resolver([shared_nsd.nameserver], timeout=2.0)
     names = ["split", "two", "long", "host", "nope"] * 8

@@ -938,8 +938,11 @@ def nsd_zone() -> str:
             ("@", "TXT", txt_rdata("v=spf1 a:mail.spf.test ip4:192.0.2.0/25 -all")),
             ("mail", "A", "198.51.100.20"),
             ("mail", "TXT", txt_rdata("v=spf1 a -all")),
+            ("short", "TXT", txt_rdata("v=spf1 ip4:192.0.2.0/25 -all")),
+            ("explained", "TXT", txt_rdata("v=spf1 -all exp=why.spf.test")),
+            ("why", "TXT", txt_rdata("%{i} may not send for %{d}.")),
         ],
-    )
+    ).replace("short\tIN\tTXT", "short\t30\tIN\tTXT")
 
 
 @pytest.mark.dns
@@ -965,3 +968,59 @@ def test_blackhole_server_gives_temperror_after_one_lookup_with_the_resolver_tim
     assert outcome.problem is not None and "timed out after 1s" in outcome.problem
     # The temperror ended the evaluation: the record's lookup was the only one, made once.
     assert blackhole_dns.received() == [SeenQuery("spf.test", "TXT", False)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.dns
+def test_a_result_is_reused_while_its_records_are_fresh(nsd_server: NsdFactory) -> None:
+    """The same check again costs no DNS and no evaluation until the first record it read
+    expires (short.spf.test: TTL 30 s); then it is evaluated again, from fresh answers."""
+    server = nsd_server({NSD_ZONE: nsd_zone()})
+    clock = Clock()
+    resolver = Resolver([server.nameserver], timeout=2.0, clock=clock)
+    checker = SpfChecker(resolver, receiver=RECEIVER)
+    first = checker.check_mailfrom("192.0.2.1", "a@short.spf.test", "mail.spf.test")
+    assert first.result is SpfResult.PASS
+    asked = resolver.stats.misses + resolver.stats.hits
+    again = checker.check_mailfrom("192.0.2.1", "a@short.spf.test", "mail.spf.test")
+    assert again == first
+    assert resolver.stats.misses + resolver.stats.hits == asked  # not even the cache asked
+    # Any other input is another check: another sender, client or HELO.
+    other = checker.check_mailfrom("192.0.2.1", "b@short.spf.test", "mail.spf.test")
+    assert other.sender == "b@short.spf.test" and other.result is SpfResult.PASS
+    assert checker.check_mailfrom("192.0.2.200", "a@short.spf.test",
+                                  "mail.spf.test").result is SpfResult.FAIL  # fmt: skip
+    clock.now += 31
+    misses = resolver.stats.misses
+    assert checker.check_mailfrom("192.0.2.1", "a@short.spf.test", "mail.spf.test") == first
+    assert resolver.stats.misses == misses + 1  # the record, asked again
+
+
+@pytest.mark.dns
+def test_a_temperror_or_a_domains_own_explanation_is_never_reused(
+    nsd_server: NsdFactory, blackhole_dns: BlackholeDns
+) -> None:
+    checker = SpfChecker(Resolver([blackhole_dns.nameserver], timeout=0.5), timeout=20.0)
+    for _ in range(2):
+        assert checker.check_mailfrom("192.0.2.1", "a@spf.test",
+                                      "x").result is SpfResult.TEMPERROR  # fmt: skip
+    assert len(blackhole_dns.received()) == 2  # asked again: the failure was not kept
+    # exp= text may expand %{t} (the time of the check): evaluated every time.
+    server = nsd_server({NSD_ZONE: nsd_zone()})
+    resolver = Resolver([server.nameserver], timeout=2.0)
+    checker = SpfChecker(resolver, receiver=RECEIVER)
+    outcomes = [checker.check_mailfrom("192.0.2.9", "a@explained.spf.test", "x")
+                for _ in range(2)]  # fmt: skip
+    assert [o.explanation for o in outcomes] == ["192.0.2.9 may not send for "
+                                                 "explained.spf.test."] * 2  # fmt: skip
+    assert outcomes[0] is not outcomes[1]
+    # A plain fail is kept: the same object comes back.
+    fails = [checker.check_mailfrom("192.0.2.200", "a@spf.test", "x") for _ in range(2)]
+    assert fails[0].result is SpfResult.FAIL and fails[0] is fails[1]

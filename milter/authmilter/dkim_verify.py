@@ -82,6 +82,7 @@ from authmilter.addresses import FromStatus, author_domain
 from authmilter.body_hash import BodyHashes
 from authmilter.errors import DNSNameNotFound, DNSPermError, DNSTempError
 from authmilter.keys import MIN_RSA_BITS, KeyAlgorithm, KeyRecord, KeyRecordError, parse_key_record
+from authmilter.resolver import memoized
 from authmilter.results import DkimOutcome, DkimProblem, DkimResult
 from authmilter.taglist import TagListError, TagListProblem, parse_tag_list
 
@@ -534,6 +535,11 @@ def fetch_key(selector: str, domain: str, resolver: TxtLookup) -> KeyRecord:
         revoked key; ``result``/``problem`` say which as DKIM reports it.
     """
     name = f"{selector}._domainkey.{domain}"
+    # Parsed once while its DNS answer is fresh; a failure (raised) is never kept.
+    return memoized(resolver, ("dkim-key", name), lambda: _fetch_key(name, resolver))
+
+
+def _fetch_key(name: str, resolver: TxtLookup) -> KeyRecord:
     try:
         records = resolver.txt(name)
     except DNSNameNotFound:

@@ -42,6 +42,7 @@ from authmilter.errors import (
     DNSPermError,
     DNSTempError,
 )
+from authmilter.resolver import memoized
 from authmilter.results import (
     DkimOutcome,
     DkimResult,
@@ -743,7 +744,11 @@ def evaluate(
             reason=f"no single author domain ({author.status.value}): {author.detail}",
         )
     from_domain = author.domain
-    found = discover(resolver, from_domain, method=method, psl=psl, check_exists=False)
+    # The same From domain finds the same record while the DNS answers it read are fresh.
+    found = memoized(resolver, ("dmarc", from_domain, method, psl.path),
+                     lambda: discover(resolver, from_domain, method=method, psl=psl,
+                                      check_exists=False),
+                     keep=lambda d: d.error is not DmarcResult.TEMPERROR)  # fmt: skip
     org = found.org_domain
     if found.error is not None:
         return DmarcOutcome(

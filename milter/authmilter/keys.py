@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import grp
 import os
 import pwd
@@ -535,23 +536,32 @@ class KeyRecord:
         """
         if self.revoked:
             raise KeyRecordError("key is revoked (empty p=)")
-        data = self.public_key_data
-        if self.key_type is KeyAlgorithm.ED25519:
-            if len(data) != 32:
-                raise KeyRecordError(
-                    f"p= holds {len(data)} bytes; an ed25519 key is 32 raw bytes (RFC 8463 §4)"
-                )
-            return ed25519.Ed25519PublicKey.from_public_bytes(data)
+        return _load_public_key(self.key_type, self.public_key_data)
+
+
+@functools.lru_cache(maxsize=1024)
+def _load_public_key(key_type: KeyAlgorithm, data: bytes) -> PublicKeyObject:
+    """The key object of ``p=`` data, loaded once for the 1024 most recent keys (key objects
+    are immutable; a verifier meets the same few keys all day). Errors are not kept.
+
+    :raises KeyRecordError: ``data`` does not hold a key of ``key_type``.
+    """
+    if key_type is KeyAlgorithm.ED25519:
+        if len(data) != 32:
+            raise KeyRecordError(
+                f"p= holds {len(data)} bytes; an ed25519 key is 32 raw bytes (RFC 8463 §4)"
+            )
+        return ed25519.Ed25519PublicKey.from_public_bytes(data)
+    try:
+        key = serialization.load_der_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
         try:
-            key = serialization.load_der_public_key(data)
+            key = serialization.load_der_public_key(_spki_from_pkcs1(data))
         except (ValueError, UnsupportedAlgorithm):
-            try:
-                key = serialization.load_der_public_key(_spki_from_pkcs1(data))
-            except (ValueError, UnsupportedAlgorithm):
-                raise KeyRecordError("p= is not a DER RSA public key") from None
-        if not isinstance(key, rsa.RSAPublicKey):
-            raise KeyRecordError(f"p= holds a {type(key).__name__}, but k=rsa")
-        return key
+            raise KeyRecordError("p= is not a DER RSA public key") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise KeyRecordError(f"p= holds a {type(key).__name__}, but k=rsa")
+    return key
 
 
 def _der_length(length: int) -> bytes:

@@ -19,20 +19,29 @@ malformed answer, malformed name, YXDOMAIN        :class:`DNSPermError`
 Positive answers are cached for their TTL; NXDOMAIN and NODATA are cached per RFC 2308 §5
 for ``min(SOA TTL, SOA MINIMUM)`` of the SOA in the authority section (not cached without
 one); temporary failures are never cached.
+
+What is computed from DNS answers can be cached with them: :meth:`Resolver.memo` keeps a
+value (an SPF result, a parsed DKIM key record, a DMARC policy discovery) until the first of
+the answers it was computed from expires, and never when a lookup failed while computing it.
+The cache is written here rather than taken from dnspython (``dns.resolver.LRUCache``): that
+one reads the wall clock itself, and the tests need to expire entries with an injected clock;
+it also knows nothing of which answers a value depends on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import ipaddress
+import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dns.exception
 import dns.flags
@@ -58,6 +67,7 @@ __all__ = [
     "CacheStats",
     "DnssecTxt",
     "Resolver",
+    "memoized",
     "parse_nameserver",
     "parse_nameservers",
 ]
@@ -185,6 +195,43 @@ class _Entry:
     records: tuple[dns.rdata.Rdata, ...] = ()
 
 
+T = TypeVar("T")
+
+
+@functools.lru_cache(maxsize=4096)
+def _question(name: str, rdtype: str) -> tuple[tuple[str, int], dns.name.Name,
+                                               dns.rdatatype.RdataType, str]:  # fmt: skip
+    """The cache key, the name and the type of a query, and how messages name it.
+
+    Parsing a name with dnspython costs more than the cache lookup it leads to, and a busy
+    MX asks the same few names all day: the parse is kept for the 4096 most recent (name,
+    type) pairs (``Name`` objects are immutable). Errors are not kept.
+
+    :raises ValueError: ``rdtype`` is not a DNS type name.
+    :raises DNSPermError: the name is malformed.
+    """
+    try:
+        qtype = dns.rdatatype.from_text(rdtype)
+    except dns.rdatatype.UnknownRdatatype:
+        raise ValueError(f"unknown DNS record type {rdtype!r}") from None
+    what = f"{name} {dns.rdatatype.to_text(qtype)}"
+    try:
+        qname = dns.name.from_text(name)
+    except dns.exception.DNSException as exc:
+        raise DNSPermError(f"{what}: malformed name: {exc}") from None
+    return (qname.to_text().lower(), int(qtype)), qname, qtype, what
+
+
+def memoized(resolver: object, key: Hashable, compute: Callable[[], T],
+             keep: Callable[[T], bool] | None = None) -> T:  # fmt: skip
+    """:meth:`Resolver.memo` when ``resolver`` has it; otherwise (a test's fake resolver)
+    ``compute()`` every time."""
+    method = getattr(resolver, "memo", None)
+    if method is None:
+        return compute()
+    return method(key, compute, keep)  # type: ignore[no-any-return]
+
+
 # Exceptions inside NoNameservers that mean "the answer itself is broken", not "try later".
 def _lookup_error(exc: Exception, what: str, lifetime: float) -> Exception:
     """Our error for a failed lookup (NXDOMAIN aside, which each caller answers itself)."""
@@ -262,9 +309,13 @@ class Resolver:
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+        # memo(): key -> (valid until, value), least recently used first.
+        self._derived: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
         self._hits = 0
         self._misses = 0
-        self._local = threading.local()  # .deadline: this thread's budget end, or absent
+        # .deadline: this thread's budget end, or absent; .watches: for each memo()
+        # computing in this thread (innermost last), when its first answer expires.
+        self._local = threading.local()
 
     @property
     def timeout(self) -> float:
@@ -289,9 +340,60 @@ class Resolver:
             return CacheStats(hits=self._hits, misses=self._misses, size=len(self._cache))
 
     def clear_cache(self) -> None:
-        """Forget every cached answer (the counters are kept)."""
+        """Forget every cached answer and what :meth:`memo` kept (the counters are kept)."""
         with self._lock:
             self._cache.clear()
+            self._derived.clear()
+
+    def memo(self, key: Hashable, compute: Callable[[], T],
+             keep: Callable[[T], bool] | None = None) -> T:  # fmt: skip
+        """``compute()``, or what it returned for ``key`` while the answers it read are fresh.
+
+        The value is kept until the first of the DNS answers ``compute`` read (through this
+        resolver, in this thread, cached or not) expires, and not at all when one of its
+        lookups failed (timeout, SERVFAIL, malformed answer, the :meth:`deadline` spent) or
+        was not cacheable, when ``keep(value)`` is false, or when ``compute`` raised. The
+        key must name every input of ``compute`` other than DNS. Memos may nest: an inner
+        value's lifetime bounds the outer one's. At most ``cache_size`` values are kept.
+        """
+        if self._cache_size == 0:
+            return compute()
+        with self._lock:
+            found = self._derived.get(key)
+            if found is not None:
+                if found[0] > self._clock():
+                    self._derived.move_to_end(key)
+                else:
+                    del self._derived[key]
+                    found = None
+        if found is not None:
+            self._depends(found[0])
+            return found[1]  # type: ignore[no-any-return]
+        watches: list[float] | None = getattr(self._local, "watches", None)
+        if watches is None:
+            watches = self._local.watches = []
+        watches.append(math.inf)
+        try:
+            value = compute()
+        finally:
+            until = watches.pop()
+        self._depends(until)
+        if until > self._clock() and (keep is None or keep(value)):
+            with self._lock:
+                self._derived[key] = (until, value)
+                self._derived.move_to_end(key)
+                while len(self._derived) > self._cache_size:
+                    self._derived.popitem(last=False)
+        return value
+
+    def _depends(self, expires: float) -> None:
+        """The memos computing in this thread read an answer that expires at ``expires``
+        (``-inf``: a lookup failed, nothing computed from it may be kept)."""
+        watches: list[float] | None = getattr(self._local, "watches", None)
+        if watches:
+            for i, until in enumerate(watches):
+                if expires < until:
+                    watches[i] = expires
 
     @contextlib.contextmanager
     def deadline(self, seconds: float) -> Iterator[None]:
@@ -329,21 +431,20 @@ class Resolver:
         :raises DNSPermError: malformed name or malformed answer.
         """
         try:
-            qtype = dns.rdatatype.from_text(rdtype)
-        except dns.rdatatype.UnknownRdatatype:
-            raise ValueError(f"unknown DNS record type {rdtype!r}") from None
-        what = f"{name} {dns.rdatatype.to_text(qtype)}"
-        try:
-            qname = dns.name.from_text(name)
-        except dns.exception.DNSException as exc:
-            raise DNSPermError(f"{what}: malformed name: {exc}") from None
-        key = (qname.to_text().lower(), int(qtype))
+            key, qname, qtype, what = _question(name, rdtype)
+        except DNSPermError:
+            self._depends(-math.inf)
+            raise
 
         entry = self._cache_get(key)
         if entry is not None:
             return self._from_entry(entry, what)
 
-        entry = self._lookup(qname, qtype, what)
+        try:
+            entry = self._lookup(qname, qtype, what)
+        except (DNSTempError, DNSPermError):
+            self._depends(-math.inf)
+            raise
         self._cache_put(key, entry)
         return self._from_entry(entry, what)
 
@@ -431,6 +532,7 @@ class Resolver:
     # -- internals ------------------------------------------------------------------------
 
     def _from_entry(self, entry: _Entry, what: str) -> list[dns.rdata.Rdata]:
+        self._depends(entry.expires)
         if entry.kind is _Kind.NXDOMAIN:
             raise DNSNameNotFound(f"{what}: no such domain (NXDOMAIN)")
         return list(entry.records)

@@ -19,7 +19,7 @@ import functools
 import ipaddress
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -35,6 +35,7 @@ import spf
 
 from authmilter.config import DEFAULT_REASON_MESSAGE, DEFAULT_SKIP_ADDRESSES
 from authmilter.errors import DNSError, DNSNameNotFound, DNSPermError, DNSTempError
+from authmilter.resolver import memoized
 from authmilter.results import SpfIdentity, SpfOutcome, SpfResult
 
 __all__ = [
@@ -400,6 +401,19 @@ class SpfChecker:
         spf_domain = _spf_domain(domain)
         if spf_domain is None:
             return outcome(SpfResult.NONE)  # RFC 7208 §4.3: malformed domain gives none
+
+        def check() -> SpfCheckOutcome:
+            return self._check_host(outcome, client, sender, local, spf_domain, helo)
+
+        # The result is a function of these and of DNS: kept while the DNS answers it read
+        # are (Resolver.memo), never a temperror (a lookup failed or Lookup_Time ran out).
+        key = ("spf", identity, client, sender, local, domain, spf_domain, helo,
+               self._receiver, self._timeout, self._void_limit)  # fmt: skip
+        return memoized(self._resolver, key, check, keep=_keepable)
+
+    def _check_host(self, outcome: Callable[..., SpfCheckOutcome], client: str, sender: str,
+                    local: str, spf_domain: str, helo: str | None) -> SpfCheckOutcome:  # fmt: skip
+        """pyspf's check_host() of ``spf_domain`` for ``client``."""
         query = _Query(
             self._resolver,
             ip=client,
@@ -438,6 +452,20 @@ class SpfChecker:
             record=query.top_record,
             checked=spf_domain,
         )
+
+
+#: pyspf's own explanation of a fail (no ``exp=``, or one that could not be used).
+_STOCK_FAIL_EXPLANATION = str(spf.EXPLANATIONS["fail"])
+
+
+def _keepable(outcome: SpfCheckOutcome) -> bool:
+    """Whether a result may be reused for the same inputs while its DNS answers are fresh:
+    not a temperror, and not a fail explained by the domain's own ``exp=`` text, which may
+    expand ``%{t}``, the time of the check (RFC 7208 §7.3)."""
+    if outcome.result is SpfResult.TEMPERROR:
+        return False
+    return outcome.result is not SpfResult.FAIL or outcome.explanation in (
+        None, _printable(_STOCK_FAIL_EXPLANATION))
 
 
 def _printable(text: str) -> str:
