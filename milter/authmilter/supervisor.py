@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import select
@@ -258,6 +259,12 @@ class Supervisor:
     # -- workers ----------------------------------------------------------------------------
 
     def _spawn(self) -> None:
+        # What the supervisor holds (modules, configuration, keys, the suffix list) is shared
+        # with the workers copy-on-write. Python's cyclic collector writes into every object
+        # it examines, which would copy those pages into each worker: frozen objects are
+        # never examined (gc.freeze), so the pages stay shared.
+        gc.collect()
+        gc.freeze()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         read_fd, write_fd = theirs.detach(), mine.detach()
         pid = os.fork()
