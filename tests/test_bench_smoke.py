@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,22 @@ def test_quick_rspamd_benchmark_runs() -> None:
     assert "rspamd 3." in proc.stdout, proc.stdout  # the Software line names its version
     doc_after = DOC.read_bytes() if DOC.exists() else None
     assert doc_after == doc_before, "--quick must not touch docs/performance.md"
+
+
+def test_cpu_profile_runs_the_worker_code_on_signed_and_verified_mail() -> None:
+    """bench/cpu_profile.py drives the adapter in-process (it stops unless the mail came out
+    signed, or with dkim, spf and dmarc pass) and splits the CPU into its stages."""
+    postfix_fixture.require_postfix()  # NSD and the bench's helpers, as the runs above
+    address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cpu_profile.py"), "--cases", "sign,verify",
+         "--messages", "20", "--warmup", "3", "--rounds", "1", "--dns-address", address],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"cpu_profile.py failed:\n{proc.stdout}\n{proc.stderr}"
+    sign, _sep, verify = proc.stdout.partition("Mode v")
+    for table, stage in ((sign, "| DKIM sign"), (verify, "| SPF:"), (verify, "| DMARC:")):
+        assert stage in table, proc.stdout
+    totals = [float(m) for m in re.findall(r"one thread\*\* \| \*\*(\d+)\*\*", proc.stdout)]
+    assert len(totals) == 2 and all(t > 0 for t in totals), proc.stdout

@@ -440,6 +440,7 @@ class Transaction:
         self.bodies: BodyHashes | None = None
         # Decided once at the end of the header (no header field comes after it).
         self.author: str | None = None
+        self._author_parsed: tuple[tuple[str, ...], addresses.AuthorDomain] | None = None
         self.is_originating = False
         self._wire: list[tuple[bytes, bytes]] | None = None
         self.sign_keys: list[SigningKey] = []
@@ -655,9 +656,17 @@ class Transaction:
                 text = _unfold(value)
                 # The strict parser (never raises): a From it refuses, e.g. a comment inside
                 # the domain as in "a@evil.test (x).example.com", chooses no signing key.
-                found = addresses.author_domain([text])
+                found = self._author_domain([text])
                 return found.addresses[0] if found.addresses else None
         return None
+
+    def _author_domain(self, from_values: list[str]) -> addresses.AuthorDomain:
+        """:func:`addresses.author_domain`, parsed once for the same From values (the signer
+        is chosen at the end of the header, DMARC's author domain at the end of message)."""
+        key = tuple(from_values)
+        if self._author_parsed is None or self._author_parsed[0] != key:
+            self._author_parsed = (key, addresses.author_domain(from_values))
+        return self._author_parsed[1]
 
     # -- signing ------------------------------------------------------------------------------
 
@@ -776,7 +785,7 @@ class Transaction:
             # RFC 5322 §3.6: exactly one From and one Date field.
             why = (f"the header must have exactly one From and one Date field (RFC 5322 "
                    f"section 3.6); it has {len(from_values)} From and {dates} Date")  # fmt: skip
-        author_domain = addresses.author_domain(from_values)
+        author_domain = self._author_domain(from_values)
         if not why and cfg.required_headers and author_domain.status in (
                 addresses.FromStatus.ABSENT, addresses.FromStatus.UNPARSEABLE):  # fmt: skip
             # RFC 5322 §3.6.2: the From field holds the author's mailbox; without a domain
