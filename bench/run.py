@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
+import functools
 import hashlib
 import json
 import os
@@ -1050,12 +1051,16 @@ def _seal_conf(keys: Keys, directory: Path) -> str:
     return f"{tables}ARCSign inbound\nARCSealKey {SEAL_KEY_NAME}\n"
 
 
-def _authmilter_verify_seal(lab: Lab) -> Milters:
+def _authmilter_verify_seal(lab: Lab, *, reports: bool = False) -> Milters:
     """Verify, then seal every verified message with our A-R as the AAR (instance 1: the
-    mail carries no ARC). Each sample must pass, carry our one ARC Set and verify."""
+    mail carries no ARC). Each sample must pass, carry our one ARC Set and verify. With
+    ``reports``, ``ReportDatabase`` (SQLite) records every message too."""
     keydir = Path(tempfile.mkdtemp(prefix="tables-", dir=lab.keys.dir))
     keydir.chmod(0o755)
     conf = _authmilter_conf(lab, "v", None) + _seal_conf(lab.keys, keydir)
+    if reports:
+        folder = Path(tempfile.mkdtemp(prefix="reports-", dir=lab.workdir))
+        conf += f"ReportDatabase sqlite:///{folder / 'dmarc.db'}\n"
 
     def check(raw: bytes) -> str | None:
         return (check_results(raw, [AUTHMILTER_ID])
@@ -1138,6 +1143,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "authmilter-verify with ARCSign inbound: every verified message gets our ARC Set "
              "(RSA-2048, instance 1); its anchor is authmilter-verify",
              _authmilter_verify_seal, needs_dns=True, needs="arc-sign"),
+    Scenario("authmilter-verify-full", "verify", "opendkim+opendmarc-verify",
+             "authmilter-verify with ReportDatabase (SQLite) and ARCSign inbound: the "
+             "configuration of the performance targets",
+             functools.partial(_authmilter_verify_seal, reports=True), needs_dns=True,
+             needs="arc-sign"),
 ]}  # fmt: skip
 #: Scenarios also run with the large (1 MiB) messages by default.
 LARGE_SCENARIOS = ("no-milter", "opendkim-sign", "authmilter-sign", "rspamd-sign",
