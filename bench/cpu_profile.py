@@ -69,6 +69,7 @@ import Milter  # noqa: E402
 from authmilter import (  # noqa: E402
     arc_verify,
     body_hash,
+    dkim_sign,
     dkim_verify,
     metrics,
     pipeline,
@@ -201,7 +202,9 @@ STAGES: list[tuple[Any, str, str]] = [
     (resolver.Resolver, "query", "DNS: resolver cache hits"),
     (pipeline.Transaction, "_evaluate", "DKIM verify: signature parse, header hash"),
     (dkim_verify, "_crypto_verify", "DKIM verify: signature parse, header hash"),
-    (dkim_verify.dkim, "hash_headers", "DKIM: header canonicalization and hashing"),
+    (dkim_verify, "hash_signed_fields", "DKIM: header canonicalization and hashing"),
+    (arc_verify, "hash_signed_fields", "DKIM: header canonicalization and hashing"),
+    (dkim_sign.dkim, "hash_headers", "DKIM: header canonicalization and hashing"),
     (dkim_verify, "fetch_key", "DKIM verify: key record parse"),
     (arc_verify, "verify_chain", "ARC: chain verification"),
     (pipeline.Transaction, "_check_header", "RFC 5322 checks, author domain"),

@@ -82,6 +82,7 @@ from authmilter.dkim_verify import (  # the DKIM tag grammar (RFC 6376 §3.5) is
     check_key,
     decode_base64_tag,
     fetch_key,
+    hash_signed_fields,
     key_bits,
     parse_signature_tags,
 )
@@ -554,8 +555,7 @@ class _Checker:
             if b"from" in include:
                 include.append(b"from")  # one more From than signed, as dkim_verify does
             hasher = hashlib.sha256()
-            dkim.hash_headers(hasher, policy, policy.canonicalize_headers(self.headers),
-                              include, (name, value), None)  # fmt: skip
+            hash_signed_fields(hasher, policy, self.headers, include, (name, value))
             if not self.rsa_verify(public, ams.signature, hasher.digest()):
                 return f"{what}: signature verification failed"
         except _Fail as exc:
