@@ -60,6 +60,35 @@ def table_rows(output: str, index: int = 0) -> dict[str, dict[str, str]]:
     return rows
 
 
+def random_loopback() -> str:
+    """A loopback address for this run's NSD on port 53 (runs may overlap)."""
+    return f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+
+
+Rows = dict[str, dict[str, str]]
+
+
+def quick_run(scenarios: list[str]) -> tuple[subprocess.CompletedProcess[str], Rows]:
+    """``bench/run.py --quick`` of ``scenarios``: it succeeded, its table has exactly those
+    rows, each with a rate and the milter's CPU, and docs/performance.md is untouched."""
+    doc_before = DOC.read_bytes() if DOC.exists() else None
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--scenarios", ",".join(scenarios),
+         "--dns-address", random_loopback()],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"bench/run.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    rows = table_rows(proc.stdout)
+    assert set(rows) == set(scenarios), proc.stdout
+    for name in scenarios:
+        assert float(rows[name]["msgs/s"].split()[0]) > 0, proc.stdout
+        assert float(rows[name]["milter CPU ms/msg"]) > 0, proc.stdout
+    doc_after = DOC.read_bytes() if DOC.exists() else None
+    assert doc_after == doc_before, "--quick must not touch docs/performance.md"
+    return proc, rows
+
+
 def test_quick_benchmark_runs() -> None:
     postfix_fixture.require_postfix()
     doc_before = DOC.read_bytes() if DOC.exists() else None
@@ -85,22 +114,9 @@ def test_quick_arc_benchmark_runs() -> None:
     scenario our one ARC Set verifying (the run stops otherwise); their ratio to plain
     verifying is there; the micro-benchmark table follows."""
     postfix_fixture.require_postfix()
-    doc_before = DOC.read_bytes() if DOC.exists() else None
-    address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
     scenarios = ["authmilter-verify", "authmilter-verify-arc1", "authmilter-verify-arc3",
                  "authmilter-verify-seal"]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--scenarios", ",".join(scenarios),
-         "--dns-address", address],
-        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-        check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"bench/run.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
-    rows = table_rows(proc.stdout)
-    assert set(rows) == set(scenarios), proc.stdout
-    for name in scenarios:
-        assert float(rows[name]["msgs/s"].split()[0]) > 0, proc.stdout
-        assert float(rows[name]["milter CPU ms/msg"]) > 0, proc.stdout
+    proc, rows = quick_run(scenarios)
     for name in scenarios[1:]:  # taken to authmilter-verify within the repeat
         assert float(rows[name]["× OpenDKIM(+DMARC)"]) > 0, proc.stdout
     assert ("of authmilter-verify-arc1, authmilter-verify-arc3, authmilter-verify-seal is taken "
@@ -111,8 +127,6 @@ def test_quick_arc_benchmark_runs() -> None:
     assert len(seals) == 3 and len(verifies) == 2, proc.stdout
     for case in seals + verifies:
         assert float(micro[case]["CPU ms/call"].split()[0]) > 0, proc.stdout
-    doc_after = DOC.read_bytes() if DOC.exists() else None
-    assert doc_after == doc_before, "--quick must not touch docs/performance.md"
 
 
 def test_quick_rspamd_benchmark_runs() -> None:
@@ -121,36 +135,22 @@ def test_quick_rspamd_benchmark_runs() -> None:
     process tree is measured: the main process, one proxy worker per CPU and hs_helper."""
     postfix_fixture.require_postfix()
     rspamd_fixture.require_rspamd()
-    doc_before = DOC.read_bytes() if DOC.exists() else None
-    address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
     scenarios = ["rspamd-sign", "rspamd-verify"]
-    proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--scenarios", ",".join(scenarios),
-         "--dns-address", address],
-        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-        check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"bench/run.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
-    rows = table_rows(proc.stdout)
-    assert set(rows) == set(scenarios), proc.stdout
+    proc, rows = quick_run(scenarios)
     for name in scenarios:
-        assert float(rows[name]["msgs/s"].split()[0]) > 0, proc.stdout
-        assert float(rows[name]["milter CPU ms/msg"]) > 0, proc.stdout
         # at least the main process and a proxy worker per CPU (hs_helper is the usual +1)
         assert int(rows[name]["procs"]) >= (os.cpu_count() or 1) + 1, proc.stdout
     assert "rspamd 3." in proc.stdout, proc.stdout  # the Software line names its version
-    doc_after = DOC.read_bytes() if DOC.exists() else None
-    assert doc_after == doc_before, "--quick must not touch docs/performance.md"
 
 
 def test_cpu_profile_runs_the_worker_code_on_signed_and_verified_mail() -> None:
     """bench/cpu_profile.py drives the adapter in-process (it stops unless the mail came out
     signed, or with dkim, spf and dmarc pass) and splits the CPU into its stages."""
     postfix_fixture.require_postfix()  # NSD and the bench's helpers, as the runs above
-    address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "cpu_profile.py"), "--cases", "sign,verify",
-         "--messages", "20", "--warmup", "3", "--rounds", "1", "--dns-address", address],
+         "--messages", "20", "--warmup", "3", "--rounds", "1", "--dns-address",
+         random_loopback()],
         cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
         check=False,
     )  # fmt: skip
@@ -160,3 +160,10 @@ def test_cpu_profile_runs_the_worker_code_on_signed_and_verified_mail() -> None:
         assert stage in table, proc.stdout
     totals = [float(m) for m in re.findall(r"one thread\*\* \| \*\*(\d+)\*\*", proc.stdout)]
     assert len(totals) == 2 and all(t > 0 for t in totals), proc.stdout
+
+
+def test_quick_full_verify_benchmark_runs() -> None:
+    """authmilter-verify-full: every sample passes dkim, spf and dmarc and carries our one
+    verifying ARC Set (the run stops otherwise), with ReportDatabase configured."""
+    postfix_fixture.require_postfix()
+    quick_run(["authmilter-verify-full"])
