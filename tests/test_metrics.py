@@ -57,15 +57,26 @@ def nsd(nsd_server_module) -> NsdServer:  # type: ignore[no-untyped-def]
 
 @contextlib.contextmanager
 def running_stack(nsd: NsdServer) -> Iterator[Stack]:
-    """The milter (two workers, metrics on) behind Postfix: (milter, postfix, metrics URL)."""
-    port = free_port()
-    milter = AuthmilterProcess(f"AuthservID {AID}\nWorkers 2\nNameservers {nsd.nameserver}\n"
-                               f"MetricsListen 127.0.0.1:{port}\nMail_From_reject Fail\n"
-                               ).start()  # fmt: skip
+    """The milter (two workers, metrics on) behind Postfix: (milter, postfix, metrics URL).
+
+    The port was free when chosen; an outgoing connection may take it before the milter binds
+    it (the kernel hands out the same range), so a start that finds it taken tries another."""
+    for attempt in range(3):
+        port = free_port()
+        milter = AuthmilterProcess(f"AuthservID {AID}\nWorkers 2\nNameservers {nsd.nameserver}\n"
+                                   f"MetricsListen 127.0.0.1:{port}\nMail_From_reject Fail\n")
+        try:
+            milter.start()
+            milter.wait_log("metrics on http://127.0.0.1:")
+            break
+        except Exception:  # noqa: BLE001 - not started: retried only for a port taken
+            taken = "Address already in use" in milter.log()
+            milter.cleanup()
+            if not taken or attempt == 2:
+                raise
     try:
         postfix = PostfixInstance(milter.postfix_socket).start()
         try:
-            milter.wait_log("metrics on http://127.0.0.1:")
             yield milter, postfix, f"http://127.0.0.1:{port}/metrics"
         finally:
             postfix.stop()
@@ -227,13 +238,17 @@ def test_totals_match_the_mail_sent_across_both_workers(stack) -> None:  # type:
     assert delta("authmilter_results_total", method="spf", result="pass") == good
     assert delta("authmilter_results_total", method="spf", result="fail") == spoofed
     assert delta("authmilter_results_total", method="dmarc", result="pass") == good
-    # Each message asked the DNS (SPF and DMARC records), some answers came from the cache.
+    # Each message needs the SPF and DMARC records. The first in each worker asked NSD; the
+    # others got the results computed from those answers again while they are fresh
+    # (Resolver.memo), so the cache is asked far less than twice a message.
     queries = sum(v for (name, _l), v in after.items() if name == "authmilter_dns_queries_total")
     assert queries >= 2
     assert delta("authmilter_dns_queries_total", type="TXT", outcome="ok") >= 2
     assert delta("authmilter_dns_query_seconds_count", type="TXT") >= 2
-    assert delta("authmilter_dns_cache_total", result="hit") > 0
     assert delta("authmilter_dns_cache_total", result="miss") >= 2
+    lookups = (delta("authmilter_dns_cache_total", result="hit")
+               + delta("authmilter_dns_cache_total", result="miss"))  # fmt: skip
+    assert lookups < 2 * (good + spoofed), lookups
     # Callback latency, by callback: one end of message per accepted message.
     assert delta("authmilter_callback_seconds_count", callback="eom") == good
     assert delta("authmilter_callback_seconds_count", callback="envrcpt") == good + spoofed
