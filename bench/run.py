@@ -1525,8 +1525,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark Postfix + authmilter against Postfix + OpenDKIM/OpenDMARC on "
         "loopback (see bench/README.md).")  # fmt: skip
-    p.add_argument("--messages", type=int, default=3000,
-                   help="messages per run for sizes up to 64 KiB (default 3000)")
+    p.add_argument("--messages", type=int, default=2000,
+                   help="messages per run for sizes up to 64 KiB (default 2000)")
     p.add_argument("--messages-large", type=int, default=200,
                    help="messages per run for larger sizes (default 200)")
     p.add_argument("--connections", type=int, default=20,
