@@ -55,7 +55,7 @@ deploy-test: deb venv-test
 deps-deb:
 	@./.ci/apt-ensure $(APT_DEB)
 
-# Benchmark (bench/README.md): Postfix alone, OpenDKIM, OpenDKIM + OpenDMARC and authmilter on
+# Benchmark (bench/README.md): Postfix alone, OpenDKIM, OpenDKIM + OpenDMARC, rspamd and authmilter on
 # loopback; about 10 minutes on 2 cores; rewrites the generated section of docs/performance.md.
 # `make bench BENCH_ARGS=--quick` is a smoke run (seconds; the document is left alone).
 APT_BENCH = $(APT_RUN) postfix nsd opendkim opendmarc rspamd
