@@ -185,23 +185,18 @@ def one_message(ctx: pipeline.Context, msg: Message, client: tuple[str, str]) ->
 
 #: (owner, attribute, row). Every call of ``owner.attribute`` is timed; time in a nested
 #: stage counts for the nested one only. Rows with the same name add up.
+ADAPTER = "adapter callbacks (Python side of pymilter, the adapter)"
 STAGES: list[tuple[Any, str, str]] = [
-    (server.AuthMilter, "connect", "adapter callbacks (Python side of pymilter, the adapter)"),
-    (server.AuthMilter, "hello", "adapter callbacks (Python side of pymilter, the adapter)"),
-    (server.AuthMilter, "envfrom", "adapter callbacks (Python side of pymilter, the adapter)"),
-    (server.AuthMilter, "envrcpt", "adapter callbacks (Python side of pymilter, the adapter)"),
+    *[(server.AuthMilter, callback, ADAPTER)
+      for callback in ("connect", "hello", "envfrom", "envrcpt", "eoh", "body", "eom", "close")],
     (server.AuthMilter, "header", "header collection"),
-    (server.AuthMilter, "eoh", "adapter callbacks (Python side of pymilter, the adapter)"),
-    (server.AuthMilter, "body", "adapter callbacks (Python side of pymilter, the adapter)"),
-    (server.AuthMilter, "eom", "adapter callbacks (Python side of pymilter, the adapter)"),
-    (server.AuthMilter, "close", "adapter callbacks (Python side of pymilter, the adapter)"),
     (pipeline.Connection, "__init__", "connection: InternalHosts, PeerList"),
     (pipeline.Transaction, "eoh", "end of header: author, wire form, body-hash plan"),
     (body_hash.BodyHashes, "update", "DKIM: body canonicalization and hashing"),
     (pipeline.Transaction, "_check_spf", "SPF: pyspf parsing and evaluation"),
     (resolver.Resolver, "query", "DNS: resolver cache hits"),
-    (pipeline.Transaction, "_evaluate", "DKIM verify: signature parse, header hash"),
-    (dkim_verify, "_crypto_verify", "DKIM verify: signature parse, header hash"),
+    (pipeline.Transaction, "_evaluate", "DKIM verify: signature parse, key checks"),
+    (dkim_verify, "_crypto_verify", "DKIM verify: signature parse, key checks"),
     (dkim_verify, "hash_signed_fields", "DKIM: header canonicalization and hashing"),
     (arc_verify, "hash_signed_fields", "DKIM: header canonicalization and hashing"),
     (dkim_sign.dkim, "hash_headers", "DKIM: header canonicalization and hashing"),
@@ -220,8 +215,6 @@ STAGES: list[tuple[Any, str, str]] = [
     (metrics, "result", "metrics"),
     (metrics, "callback", "metrics"),
 ]
-#: RSA: the one C call under each of these, out of its caller's row.
-RSA_STAGES: list[tuple[Any, str, str]] = []
 
 
 @dataclass
